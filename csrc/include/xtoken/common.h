@@ -1,0 +1,39 @@
+// Definitions shared by the host code, the CPU kernels and the CUDA kernels.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define XT_HD __host__ __device__ __forceinline__
+#else
+#define XT_HD inline
+#endif
+
+namespace xtoken {
+
+// SPEC.md §4: the P-KL floor inside the log, log(q + eps).
+constexpr double kPklEps = 1e-10;
+
+// SPEC.md §3: how the predictor rows of one side of a chunk are pooled into one vector.
+enum class Merge : int32_t { First = 0, Mean = 1, Bayes = 2 };
+
+// One row of the chunk table (SPEC.md §1): student rows [s0, s1), teacher rows [t0, t1).
+struct Chunk {
+  int32_t s0, s1, t0, t1;
+};
+
+// A projection W (student token -> teacher tokens) in the two forms the kernels read.
+//   rows:    ELL, `idx[s * P + j]` (-1 = empty slot) with weight `val[s * P + j]`.
+//   columns: its transpose, built once by xtoken.Projection: the student tokens that feed teacher
+//            token t are `col_src[col_ptr[t] .. col_ptr[t+1])`, with weights `col_val[...]`.
+// Both forms make the projection a gather, so no kernel needs atomics.
+struct ProjectionView {
+  const int32_t* idx;
+  const float* val;
+  int64_t P;
+  const int32_t* col_ptr;
+  const int32_t* col_src;
+  const float* col_val;
+};
+
+}  // namespace xtoken

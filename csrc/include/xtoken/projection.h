@@ -1,0 +1,26 @@
+// Host helpers for ops that take a projection W in both of its forms (see ProjectionView).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "xtoken/checks.h"
+#include "xtoken/common.h"
+
+namespace xtoken {
+
+struct ProjectionTensors {
+  at::Tensor idx, val, col_ptr, col_src, col_val;  // contiguous
+
+  ProjectionView view() const {
+    return {idx.data_ptr<int32_t>(), val.data_ptr<float>(), idx.size(1), col_ptr.data_ptr<int32_t>(),
+            col_src.data_ptr<int32_t>(), col_val.data_ptr<float>()};
+  }
+};
+
+// Checks layout and contents of W (rows V_s, teacher width V_t) and returns contiguous tensors.
+// The content checks are queued on `checks`; the caller runs them.
+ProjectionTensors prepare_projection(const at::Tensor& idx, const at::Tensor& val, const at::Tensor& col_ptr,
+                                     const at::Tensor& col_src, const at::Tensor& col_val, int64_t V_s,
+                                     int64_t V_t, const at::Tensor& device_of, ContentChecks& checks);
+
+}  // namespace xtoken

@@ -1,0 +1,52 @@
+// Every op schema of the xtoken library, in one place. The kernels register their implementations
+// per device in cpu/*.cpp and cuda/*.cu (TORCH_LIBRARY_IMPL); python/xtoken/ops.py adds the fake
+// (meta) kernels and the autograd formulas.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing xtoken._C loads this library, whose static initializers register the ops. The module
+// itself is empty, so no pybind11 is needed and the limited API suffices.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace xtoken {
+
+bool built_with_cuda() {
+#ifdef XTOKEN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+TORCH_LIBRARY(xtoken, m) {
+  m.def("built_with_cuda() -> bool", &built_with_cuda);
+
+  // q = W^T p, row by row. W comes in its row form (idx, val: [V_s, P]) and its column form
+  // (col_ptr [V_t + 1], col_src, col_val [nnz]); see xtoken.Projection.
+  m.def(
+      "project_fwd(Tensor probs, Tensor proj_idx, Tensor proj_val, Tensor proj_col_ptr, Tensor proj_col_src, "
+      "Tensor proj_col_val) -> Tensor");
+  m.def(
+      "project_bwd(Tensor grad_q, Tensor proj_idx, Tensor proj_val, Tensor proj_col_ptr, Tensor proj_col_src, "
+      "Tensor proj_col_val) -> Tensor");
+
+  // P-KL per chunk (SPEC.md §4), unreduced and without the tau^2 factor. Also returns the
+  // logsumexp of every row the pooling reads (0 elsewhere), which the backward reuses.
+  m.def(
+      "pkl_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor chunks, Tensor proj_idx, "
+      "Tensor proj_val, Tensor proj_col_ptr, Tensor proj_col_src, Tensor proj_col_val, float temperature, "
+      "str merge, Tensor? student_targets, Tensor? teacher_targets) -> (Tensor losses, Tensor student_lse, "
+      "Tensor teacher_lse)");
+  m.def(
+      "pkl_loss_bwd(Tensor grad_losses, Tensor student_logits, Tensor teacher_logits, Tensor chunks, "
+      "Tensor proj_idx, Tensor proj_val, Tensor proj_col_ptr, Tensor proj_col_src, Tensor proj_col_val, "
+      "float temperature, str merge, Tensor? student_targets, Tensor? teacher_targets, Tensor student_lse, "
+      "Tensor teacher_lse) -> Tensor");
+}
+
+}  // namespace xtoken

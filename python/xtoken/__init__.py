@@ -1,0 +1,13 @@
+"""xtoken: cross-tokenizer knowledge distillation for PyTorch.
+
+Fused C++/CUDA kernels for the X-Token losses (P-KL, H-KL) and their baselines, the projection W
+between two vocabularies, and exact span alignment. See README.md and SPEC.md.
+"""
+
+from . import nn, ops, reference
+from .losses import pkl_loss, project
+from .projection import Projection
+
+__version__ = "0.1.0"
+
+__all__ = ["Projection", "pkl_loss", "project", "nn", "ops", "reference", "__version__"]

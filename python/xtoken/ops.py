@@ -1,0 +1,123 @@
+"""Thin wrappers over ``torch.ops.xtoken.*``: fake (meta) kernels and autograd formulas.
+
+Every op is registered in C++ (csrc/xtoken.cpp); this module makes each one traceable by
+``torch.compile`` (a fake kernel gives output shapes without running it) and differentiable (the
+backward of a forward op calls its registered backward op, so autograd stays inside the library).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library; its static initializers register the ops)
+
+__all__ = ["built_with_cuda", "cuda_kernels_registered", "OP_NAMES"]
+
+OP_NAMES = ("project_fwd", "project_bwd", "pkl_loss_fwd", "pkl_loss_bwd")
+
+
+def built_with_cuda() -> bool:
+    """Whether this build of the extension compiled the CUDA kernels."""
+    return bool(torch.ops.xtoken.built_with_cuda())
+
+
+def cuda_kernels_registered() -> dict[str, bool]:
+    """For every op, whether a CUDA kernel is registered with the dispatcher."""
+    return {
+        name: torch._C._dispatch_has_kernel_for_dispatch_key(f"xtoken::{name}", "CUDA") for name in OP_NAMES
+    }
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# project: q = W^T p
+
+
+@torch.library.register_fake("xtoken::project_fwd")
+def _project_fwd_fake(probs, proj_idx, proj_val, proj_col_ptr, proj_col_src, proj_col_val):
+    return probs.new_empty((probs.shape[0], proj_col_ptr.shape[0] - 1))
+
+
+@torch.library.register_fake("xtoken::project_bwd")
+def _project_bwd_fake(grad_q, proj_idx, proj_val, proj_col_ptr, proj_col_src, proj_col_val):
+    return grad_q.new_empty((grad_q.shape[0], proj_idx.shape[0]))
+
+
+def _project_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:])
+
+
+def _project_backward(ctx, grad_q):
+    grad = torch.ops.xtoken.project_bwd(grad_q, *ctx.saved_tensors)
+    return grad, None, None, None, None, None
+
+
+torch.library.register_autograd("xtoken::project_fwd", _project_backward, setup_context=_project_setup)
+
+
+def _project_bwd_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:])
+
+
+def _project_bwd_backward(ctx, grad):
+    # project_bwd is the transpose of project_fwd, and both are linear.
+    return torch.ops.xtoken.project_fwd(grad, *ctx.saved_tensors), None, None, None, None, None
+
+
+torch.library.register_autograd("xtoken::project_bwd", _project_bwd_backward, setup_context=_project_bwd_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# pkl_loss: per-chunk P-KL, gradient into the student logits only
+
+
+@torch.library.register_fake("xtoken::pkl_loss_fwd")
+def _pkl_fwd_fake(
+    student_logits,
+    teacher_logits,
+    chunks,
+    proj_idx,
+    proj_val,
+    proj_col_ptr,
+    proj_col_src,
+    proj_col_val,
+    temperature,
+    merge,
+    student_targets,
+    teacher_targets,
+):
+    acc = _accumulate_dtype(student_logits.dtype)
+    return (
+        student_logits.new_empty((chunks.shape[0],), dtype=acc),
+        student_logits.new_empty((student_logits.shape[0],), dtype=acc),
+        teacher_logits.new_empty((teacher_logits.shape[0],), dtype=acc),
+    )
+
+
+@torch.library.register_fake("xtoken::pkl_loss_bwd")
+def _pkl_bwd_fake(grad_losses, student_logits, *args):
+    return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+
+
+def _pkl_setup(ctx, inputs, output):
+    (zs, zt, chunks, idx, val, col_ptr, col_src, col_val, temperature, merge, ts, tt) = inputs
+    _, lse_s, lse_t = output
+    ctx.mark_non_differentiable(lse_s, lse_t)
+    ctx.temperature = temperature
+    ctx.merge = merge
+    ctx.save_for_backward(zs, zt, chunks, idx, val, col_ptr, col_src, col_val, ts, tt, lse_s, lse_t)
+
+
+def _pkl_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
+    zs, zt, chunks, idx, val, col_ptr, col_src, col_val, ts, tt, lse_s, lse_t = ctx.saved_tensors
+    grad = torch.ops.xtoken.pkl_loss_bwd(
+        grad_losses, zs, zt, chunks, idx, val, col_ptr, col_src, col_val,
+        ctx.temperature, ctx.merge, ts, tt, lse_s, lse_t,
+    )  # fmt: skip
+    return (grad,) + (None,) * 11
+
+
+torch.library.register_autograd("xtoken::pkl_loss_fwd", _pkl_backward, setup_context=_pkl_setup)

@@ -1,0 +1,96 @@
+"""Build xtoken's C++/CUDA extension.
+
+The CPU kernels are always built. The CUDA kernels are compiled whenever a CUDA toolkit and a CUDA
+build of torch are present, even with no GPU visible; ``XTOKEN_BUILD_CUDA=0`` or ``=1`` forces either
+way (``=1`` fails loudly when the toolkit or a CUDA torch is missing).
+"""
+
+import glob
+import os
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _default_cuda_home() -> None:
+    # torch guesses CUDA_HOME from the nvcc on PATH, which is a wrapper script on some machines;
+    # prefer the standard toolkit folder when the user set nothing.
+    if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+        if os.path.exists("/usr/local/cuda/include/cuda_runtime.h"):
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+_default_cuda_home()
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("XTOKEN_BUILD_CUDA", "auto").strip().lower()
+    home = cpp_extension.CUDA_HOME
+    has_toolkit = home is not None and all(
+        os.path.exists(os.path.join(home, p)) for p in ("bin/nvcc", "include/cuda_runtime.h")
+    )
+    torch_has_cuda = torch.version.cuda is not None
+    if flag in ("0", "false", "no"):
+        return False
+    if flag in ("1", "true", "yes"):
+        if not (has_toolkit and torch_has_cuda):
+            raise RuntimeError(
+                "XTOKEN_BUILD_CUDA=1 but no CUDA build is possible: "
+                f"CUDA_HOME={cpp_extension.CUDA_HOME!r} (nvcc found: {has_toolkit}), "
+                f"torch.version.cuda={torch.version.cuda!r}"
+            )
+        return True
+    return has_toolkit and torch_has_cuda
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    sources = [os.path.join("csrc", "xtoken.cpp")]
+    sources += sorted(glob.glob(os.path.join("csrc", "common", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    debug = os.environ.get("DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-fopenmp", "-fno-math-errno"]
+    define_macros = []
+    extra_link_args = ["-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    if not with_cuda:
+        return cpp_extension.CppExtension(
+            "xtoken._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=extra_link_args,
+            py_limited_api=True,
+        )
+    # With no GPU visible torch cannot guess the architectures; default to the H200 (sm_90).
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    nvcc = opt + [
+        "-lineinfo",
+        "--expt-relaxed-constexpr",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+    ]
+    return cpp_extension.CUDAExtension(
+        "xtoken._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros + [("XTOKEN_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=extra_link_args,
+        py_limited_api=True,
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
