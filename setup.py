@@ -46,6 +46,36 @@ def _want_cuda() -> bool:
     return has_toolkit and torch_has_cuda
 
 
+def _wheel_cuda_includes(cuda_home: str) -> list:
+    if os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    import site
+
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    found = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "*", "include", "cusparse.h"))
+    for root in roots:
+        found += glob.glob(os.path.join(root, "nvidia", "*", "include", "cusparse.h"))
+    return [os.path.dirname(os.path.abspath(found[0]))] if found else []
+
+
+def _cpu_arch_flags() -> list:
+    """x86-64-v3 (AVX2, FMA, F16C) code for the CPU kernels when the build machine has it, which is where
+    `pip install .` runs them. XTOKEN_CPU_ARCH=baseline builds portable x86-64 code instead."""
+    choice = os.environ.get("XTOKEN_CPU_ARCH", "auto").strip().lower()
+    if choice == "baseline":
+        return []
+    if choice not in ("auto", "x86-64-v3"):
+        raise RuntimeError(f"XTOKEN_CPU_ARCH must be auto, x86-64-v3 or baseline, got {choice!r}")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if choice == "x86-64-v3" or {"avx2", "fma", "f16c", "bmi2"} <= set(flags):
+        return ["-march=x86-64-v3"]
+    return []
+
+
 def _extension():
     with_cuda = _want_cuda()
     sources = [os.path.join("csrc", "xtoken.cpp")]
@@ -53,7 +83,7 @@ def _extension():
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp", "-fno-math-errno"]
+    cxx = opt + ["-fopenmp", "-fno-math-errno", "-fno-trapping-math"] + _cpu_arch_flags()
     define_macros = []
     extra_link_args = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
@@ -67,6 +97,9 @@ def _extension():
             extra_link_args=extra_link_args,
             py_limited_api=True,
         )
+    # torch's CUDA headers include the cuBLAS/cuSPARSE headers; a minimal toolkit lacks them, but the
+    # nvidia-* wheels that come with a CUDA build of torch ship them.
+    include_dirs += _wheel_cuda_includes(cpp_extension.CUDA_HOME)
     # With no GPU visible torch cannot guess the architectures; default to the H200 (sm_90).
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

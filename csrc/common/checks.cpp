@@ -7,7 +7,7 @@
 #include <sstream>
 
 #ifdef XTOKEN_WITH_CUDA
-#include <ATen/cuda/CUDAGraphsUtils.cuh>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #endif
 
 #include "xtoken/validate.h"
@@ -100,7 +100,7 @@ enum CheckKind { kChunk = 0, kRange = 1, kOffset = 2, kFinite = 3, kBayes = 4 };
 bool capturing(const at::Device& device) {
 #ifdef XTOKEN_WITH_CUDA
   if (device.is_cuda()) {
-    return at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
+    return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   }
 #endif
   (void)device;

@@ -51,6 +51,20 @@ PklInputs prepare_pkl(const at::Tensor& student_logits, const at::Tensor& teache
   return in;
 }
 
+void check_pkl_bwd_args(const at::Tensor& grad_losses, const at::Tensor& student_lse, const at::Tensor& teacher_lse,
+                        const PklInputs& in) {
+  const int64_t K = in.chunks.size(0);
+  TORCH_CHECK(grad_losses.dim() == 1 && grad_losses.size(0) == K, "grad_losses: expected shape [", K, "], got ",
+              grad_losses.sizes());
+  TORCH_CHECK(student_lse.dim() == 1 && student_lse.size(0) == in.student_logits.size(0) && teacher_lse.dim() == 1 &&
+                  teacher_lse.size(0) == in.teacher_logits.size(0),
+              "student_lse/teacher_lse: expected the [N_s] and [N_t] tensors saved by pkl_loss_fwd, got ",
+              student_lse.sizes(), " and ", teacher_lse.sizes());
+  check_same_device(in.student_logits, "student_logits", grad_losses, "grad_losses");
+  check_same_device(in.student_logits, "student_logits", student_lse, "student_lse");
+  check_same_device(in.student_logits, "student_logits", teacher_lse, "teacher_lse");
+}
+
 PklParams PklInputs::params() const {
   PklParams p{};
   p.student_logits = student_logits.data_ptr();

@@ -41,10 +41,10 @@ struct Side {
 
   const T* row(int64_t r) const { return z + r * V; }
 
-  // Rows whose logsumexp the pooling reads.
-  int32_t lse_end(int32_t r0, int32_t r1) const { return merge == Merge::First ? r0 + 1 : r1; }
+  // The row the pooled vector is read from (first, bayes).
+  int32_t pooled_row(int32_t r0, int32_t r1) const { return merge == Merge::Bayes ? r1 - 1 : r0; }
 
-  // log c of merge="bayes": sum over the prefix rows of log p_i[x_i] (0 otherwise).
+  // log c of merge="bayes": sum over the prefix rows of log p_i[x_i] (0 otherwise). Reads lse.
   A log_prefix(int32_t r0, int32_t r1) const {
     A log_c = 0;
     if (merge == Merge::Bayes) {
@@ -53,11 +53,30 @@ struct Side {
     return log_c;
   }
 
-  // The row and the shift such that pooled = exp(a - shift) (first and bayes only).
-  int32_t pooled_row(int32_t r0, int32_t r1) const { return merge == Merge::Bayes ? r1 - 1 : r0; }
+  // Forward: out = the pooled probability vector of rows [r0, r1), computing (and saving) the
+  // logsumexp of every row it reads; `tmp` is a V-sized scratch buffer. Returns log c.
+  A pool_softmax(A* out, A* tmp, int32_t r0, int32_t r1) const {
+    if (merge == Merge::Mean) {
+      const A w = A(1) / A(r1 - r0);
+      lse[r0] = row_softmax(out, row(r0), V, inv_tau, w);
+      for (int32_t r = r0 + 1; r < r1; ++r) {
+        lse[r] = row_softmax(tmp, row(r), V, inv_tau, w);
+        add(out, tmp, V);
+      }
+      return A(0);
+    }
+    if (merge == Merge::First) {
+      lse[r0] = row_softmax(out, row(r0), V, inv_tau, A(1));
+      return A(0);
+    }
+    for (int32_t r = r0; r < r1 - 1; ++r) lse[r] = row_lse(row(r), V, inv_tau);
+    const A log_c = log_prefix(r0, r1);
+    lse[r1 - 1] = row_softmax(out, row(r1 - 1), V, inv_tau, cpu_math::exp(log_c));
+    return log_c;
+  }
 
-  // out = the pooled probability vector of rows [r0, r1).
-  void pooled_probs(A* out, int32_t r0, int32_t r1, A log_c) const {
+  // Backward: the same vector from the saved logsumexps.
+  void pool_probs(A* out, int32_t r0, int32_t r1, A log_c) const {
     if (merge == Merge::Mean) {
       const A w = A(1) / A(r1 - r0);
       for (int32_t r = r0; r < r1; ++r) row_probs(out, row(r), V, inv_tau, lse[r], w, r > r0);
@@ -66,56 +85,62 @@ struct Side {
       row_probs(out, row(r), V, inv_tau, lse[r] - log_c, A(1), false);
     }
   }
+
+  static void add(A* out, const A* x, int64_t V) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) out[v] += x[v];
+  }
 };
 
-// sum_t p[t] (log p[t] - log(q[t] + eps)) with p = exp(a - shift) read from the logit row.
+// sum_{t : p[t] != 0} p[t] (log p[t] - log(q[t] + eps)), with log p[t] = a[t] - shift read off the logits
+// (first, bayes) or log(p[t]) (mean, from_logits = false).
 template <typename T, typename A>
-XT_CLONES A kl_from_logits(const T* z, const A* q, int64_t V, A inv_tau, A shift) {
-  A s = 0;
+A kl_terms(const A* p, const T* z, const A* q, int64_t V, A inv_tau, A shift, bool from_logits) {
+  double total = 0;
+  for (int64_t b = 0; b < V; b += kSumBlock) {
+    const int64_t e = b + kSumBlock < V ? b + kSumBlock : V;
+    A s = 0;
+    if (from_logits) {
 #pragma omp simd reduction(+ : s)
-  for (int64_t t = 0; t < V; ++t) {
-    const A lp = static_cast<A>(z[t]) * inv_tau - shift;
-    const A p = cpu_math::exp(lp);
-    s += p != A(0) ? p * (lp - cpu_math::log(q[t] + A(kPklEps))) : A(0);
-  }
-  return s;
-}
-
-// The same with p given as probabilities (merge="mean").
-template <typename A>
-XT_CLONES A kl_from_probs(const A* p, const A* q, int64_t V) {
-  A s = 0;
+      for (int64_t t = b; t < e; ++t) {
+        const A lp = static_cast<A>(z[t]) * inv_tau - shift;
+        s += p[t] != A(0) ? p[t] * (lp - cpu_math::log(q[t] + A(kPklEps))) : A(0);
+      }
+    } else {
 #pragma omp simd reduction(+ : s)
-  for (int64_t t = 0; t < V; ++t) {
-    s += p[t] != A(0) ? p[t] * (cpu_math::log(p[t]) - cpu_math::log(q[t] + A(kPklEps))) : A(0);
+      for (int64_t t = b; t < e; ++t) {
+        s += p[t] != A(0) ? p[t] * (cpu_math::log(p[t]) - cpu_math::log(q[t] + A(kPklEps))) : A(0);
+      }
+    }
+    total += s;
   }
-  return s;
+  return static_cast<A>(total);
 }
 
 // In place: q[t] <- -G p[t] / (q[t] + eps), p from the logit row (first, bayes) ...
 template <typename T, typename A>
-XT_CLONES void grad_q_from_logits(A* q, const T* z, int64_t V, A inv_tau, A shift, A G) {
+void grad_q_from_logits(A* q, const T* z, int64_t V, A inv_tau, A shift, A G) {
 #pragma omp simd
   for (int64_t t = 0; t < V; ++t) q[t] = -G * cpu_math::exp(static_cast<A>(z[t]) * inv_tau - shift) / (q[t] + A(kPklEps));
 }
 
 // ... or from probabilities (mean).
 template <typename A>
-XT_CLONES void grad_q_from_probs(A* q, const A* p, int64_t V, A G) {
+void grad_q_from_probs(A* q, const A* p, int64_t V, A G) {
 #pragma omp simd
   for (int64_t t = 0; t < V; ++t) q[t] = -G * p[t] / (q[t] + A(kPklEps));
 }
 
 // dz[v] = scale * p[v] * (h[v] - D)
 template <typename T, typename A>
-XT_CLONES void write_softmax_grad(T* dz, const A* p, const A* h, int64_t V, A D, A scale) {
+void write_softmax_grad(T* dz, const A* p, const A* h, int64_t V, A D, A scale) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) dz[v] = static_cast<T>(scale * p[v] * (h[v] - D));
 }
 
 // dz[v] = -coef * p[v] with p = exp(a - L), then dz[x] += coef: the gradient of coef * log p[x].
 template <typename T, typename A>
-XT_CLONES void write_logprob_grad(T* dz, const T* z, int64_t V, A inv_tau, A L, int64_t x, A coef) {
+void write_logprob_grad(T* dz, const T* z, int64_t V, A inv_tau, A L, int64_t x, A coef) {
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) dz[v] = static_cast<T>(-coef * cpu_math::exp(static_cast<A>(z[v]) * inv_tau - L));
   dz[x] = static_cast<T>(coef * (A(1) - cpu_math::exp(static_cast<A>(z[x]) * inv_tau - L)));
@@ -131,38 +156,30 @@ struct PklCpu {
   using A = acc_t<T>;
   const PklParams& p;
   Side<T> student, teacher;
+  ProjectionPlan plan;
 
   explicit PklCpu(const PklParams& params)
       : p(params),
         student{static_cast<const T*>(p.student_logits), p.V_s, A(p.inv_tau), p.merge, p.student_targets,
                 static_cast<A*>(p.student_lse)},
         teacher{static_cast<const T*>(p.teacher_logits), p.V_t, A(p.inv_tau), p.merge, p.teacher_targets,
-                static_cast<A*>(p.teacher_lse)} {}
+                static_cast<A*>(p.teacher_lse)},
+        plan(p.W, p.V_s, p.V_t) {}
 
-  // Thread-private buffers.
+  // Thread-private buffers: pooled student probs, scratch, h; q (then g), pooled teacher probs, scratch.
   struct Work {
-    std::vector<A> ps, q, pt, h, pr;
-    Work(int64_t V_s, int64_t V_t, bool mean) : ps(V_s), q(V_t), pt(mean ? V_t : 0), h(V_s), pr(V_s) {}
+    std::vector<A> ps, pr, h, q, pt, tt;
+    Work(int64_t V_s, int64_t V_t) : ps(V_s), pr(V_s), h(V_s), q(V_t), pt(V_t), tt(V_t) {}
   };
 
-  // The teacher's pooled vector is read from the logits directly, except for merge="mean".
-  A teacher_shift(const Chunk& c, A log_c) const {
-    return teacher.lse[teacher.pooled_row(c.t0, c.t1)] - log_c;
-  }
-
   A forward_chunk(const Chunk& c, Work& w) const {
-    for (int32_t r = c.s0; r < student.lse_end(c.s0, c.s1); ++r) student.lse[r] = row_lse(student.row(r), p.V_s, student.inv_tau);
-    // Teacher rows may be shared by chunks; every writer stores the same value.
-    for (int32_t r = c.t0; r < teacher.lse_end(c.t0, c.t1); ++r) teacher.lse[r] = row_lse(teacher.row(r), p.V_t, teacher.inv_tau);
-    student.pooled_probs(w.ps.data(), c.s0, c.s1, student.log_prefix(c.s0, c.s1));
-    gather_columns(w.q.data(), w.ps.data(), p.W, p.V_t);
-    const A log_c_t = teacher.log_prefix(c.t0, c.t1);
-    if (p.merge == Merge::Mean) {
-      teacher.pooled_probs(w.pt.data(), c.t0, c.t1, log_c_t);
-      return kl_from_probs(w.pt.data(), w.q.data(), p.V_t);
-    }
-    return kl_from_logits(teacher.row(teacher.pooled_row(c.t0, c.t1)), w.q.data(), p.V_t, teacher.inv_tau,
-                          teacher_shift(c, log_c_t));
+    student.pool_softmax(w.ps.data(), w.pr.data(), c.s0, c.s1);
+    gather_columns(w.q.data(), w.ps.data(), plan);
+    // Teacher rows may be shared by chunks; every writer of a teacher lse stores the same value.
+    const A log_c_t = teacher.pool_softmax(w.pt.data(), w.tt.data(), c.t0, c.t1);
+    const int32_t r = teacher.pooled_row(c.t0, c.t1);
+    return kl_terms(w.pt.data(), teacher.row(r), w.q.data(), p.V_t, teacher.inv_tau, teacher.lse[r] - log_c_t,
+                    p.merge != Merge::Mean);
   }
 
   void backward_chunk(int64_t k, Work& w) const {
@@ -175,18 +192,18 @@ struct PklCpu {
     if (k == p.K - 1) zero_rows(dz, p.V_s, c.s1, p.N_s);
 
     const A log_c_s = student.log_prefix(c.s0, c.s1);
-    student.pooled_probs(w.ps.data(), c.s0, c.s1, log_c_s);
-    gather_columns(w.q.data(), w.ps.data(), p.W, p.V_t);
+    student.pool_probs(w.ps.data(), c.s0, c.s1, log_c_s);
+    gather_columns(w.q.data(), w.ps.data(), plan);
     const A log_c_t = teacher.log_prefix(c.t0, c.t1);
     if (p.merge == Merge::Mean) {
-      teacher.pooled_probs(w.pt.data(), c.t0, c.t1, log_c_t);
+      teacher.pool_probs(w.pt.data(), c.t0, c.t1, log_c_t);
       grad_q_from_probs(w.q.data(), w.pt.data(), p.V_t, G);
     } else {
-      grad_q_from_logits(w.q.data(), teacher.row(teacher.pooled_row(c.t0, c.t1)), p.V_t, teacher.inv_tau,
-                         teacher_shift(c, log_c_t), G);
+      const int32_t r = teacher.pooled_row(c.t0, c.t1);
+      grad_q_from_logits(w.q.data(), teacher.row(r), p.V_t, teacher.inv_tau, teacher.lse[r] - log_c_t, G);
     }
     A* h = w.h.data();
-    gather_rows(h, w.q.data(), p.W, p.V_s);
+    gather_rows(h, w.q.data(), plan);
 
     switch (p.merge) {
       case Merge::First: {
@@ -223,7 +240,7 @@ struct PklCpu {
     A* losses = static_cast<A*>(p.losses);
 #pragma omp parallel num_threads(at::get_num_threads())
     {
-      Work w(p.V_s, p.V_t, p.merge == Merge::Mean);
+      Work w(p.V_s, p.V_t);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t k = 0; k < p.K; ++k) losses[k] = forward_chunk(p.chunks[k], w);
     }
@@ -236,7 +253,7 @@ struct PklCpu {
     }
 #pragma omp parallel num_threads(at::get_num_threads())
     {
-      Work w(p.V_s, p.V_t, p.merge == Merge::Mean);
+      Work w(p.V_s, p.V_t);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t k = 0; k < p.K; ++k) backward_chunk(k, w);
     }
@@ -272,12 +289,8 @@ at::Tensor pkl_loss_bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& stu
                             const at::Tensor& teacher_lse) {
   const PklInputs in = prepare_pkl(student_logits, teacher_logits, chunks, proj_idx, proj_val, proj_col_ptr,
                                    proj_col_src, proj_col_val, temperature, merge, student_targets, teacher_targets);
+  check_pkl_bwd_args(grad_losses, student_lse, teacher_lse, in);
   const auto acc = accumulate_type(student_logits.scalar_type());
-  TORCH_CHECK(grad_losses.dim() == 1 && grad_losses.size(0) == chunks.size(0),
-              "grad_losses: expected shape [", chunks.size(0), "], got ", grad_losses.sizes());
-  TORCH_CHECK(student_lse.dim() == 1 && student_lse.size(0) == student_logits.size(0) &&
-                  teacher_lse.dim() == 1 && teacher_lse.size(0) == teacher_logits.size(0),
-              "student_lse/teacher_lse: expected the [N_s] and [N_t] tensors saved by pkl_loss_fwd");
   const at::Tensor g = grad_losses.to(acc).contiguous();
   const at::Tensor ls = student_lse.to(acc).contiguous();
   const at::Tensor lt = teacher_lse.to(acc).contiguous();

@@ -19,6 +19,7 @@ template <typename T>
 void project_rows(const T* in, T* out, int64_t N, int64_t V_in, int64_t V_out, const ProjectionView& W,
                   bool transpose) {
   using A = acc_t<T>;
+  const ProjectionPlan plan(W, transpose ? V_out : V_in, transpose ? V_in : V_out);
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<A> src(V_in), dst(V_out);
@@ -27,9 +28,9 @@ void project_rows(const T* in, T* out, int64_t N, int64_t V_in, int64_t V_out, c
       const T* row = in + n * V_in;
       for (int64_t v = 0; v < V_in; ++v) src[v] = static_cast<A>(row[v]);
       if (transpose) {
-        gather_rows(dst.data(), src.data(), W, V_out);
+        gather_rows(dst.data(), src.data(), plan);
       } else {
-        gather_columns(dst.data(), src.data(), W, V_out);
+        gather_columns(dst.data(), src.data(), plan);
       }
       T* o = out + n * V_out;
       for (int64_t v = 0; v < V_out; ++v) o[v] = static_cast<T>(dst[v]);

@@ -43,6 +43,10 @@ PklInputs prepare_pkl(const at::Tensor& student_logits, const at::Tensor& teache
                       c10::string_view merge, const c10::optional<at::Tensor>& student_targets,
                       const c10::optional<at::Tensor>& teacher_targets);
 
+// Shapes of the backward-only arguments (the gradient of the losses and the saved LSEs).
+void check_pkl_bwd_args(const at::Tensor& grad_losses, const at::Tensor& student_lse, const at::Tensor& teacher_lse,
+                        const PklInputs& in);
+
 // The dtype the kernels accumulate in (and of the losses and saved LSEs).
 at::ScalarType accumulate_type(at::ScalarType logits_dtype);
 
