@@ -10,7 +10,6 @@ import unicodedata
 import pytest
 import tokenizers_util as tu
 from tokenizers import Tokenizer, models, pre_tokenizers
-
 from xtoken.tokenizer import (
     HFTokenizer,
     TiktokenTokenizer,
@@ -33,7 +32,9 @@ def digit_splitting() -> HFTokenizer:
 
 
 def sentencepiece(style: str = "metaspace") -> HFTokenizer:
-    return HFTokenizer(tu.sentencepiece_bpe(style), name=f"sentencepiece-{style}", roles=tu.SENTENCEPIECE_ROLES)
+    return HFTokenizer(
+        tu.sentencepiece_bpe(style), name=f"sentencepiece-{style}", roles=tu.SENTENCEPIECE_ROLES
+    )
 
 
 def surface_of(adapter: TokenizerAdapter, ids: list[int]) -> bytes:
@@ -120,7 +121,9 @@ def test_encode_adds_special_tokens_on_request_and_ignores_padding():
     from tokenizers.processors import TemplateProcessing
 
     bos = tokenizer.token_to_id("<|begin_of_text|>")
-    tokenizer.post_processor = TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    tokenizer.post_processor = TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
     tokenizer.enable_padding(length=64)
     adapter = HFTokenizer(tokenizer)
     assert adapter.encode("hello 201", add_special_tokens=True)[0] == bos
@@ -139,7 +142,9 @@ def test_get_vocab_and_hash():
 @requires_tiktoken
 def test_tiktoken_matches_the_hf_tokenizer_of_the_same_vocabulary():
     hf = digit_splitting()
-    tt = TiktokenTokenizer(tu.to_tiktoken(tu.digit_splitting_bpe(), tu.QWEN_SPLIT), roles=tu.DIGIT_SPLITTING_ROLES)
+    tt = TiktokenTokenizer(
+        tu.to_tiktoken(tu.digit_splitting_bpe(), tu.QWEN_SPLIT), roles=tu.DIGIT_SPLITTING_ROLES
+    )
     assert len(tt) == len(hf)
     assert tt.surface_bytes == hf.surface_bytes
     assert tt.get_vocab() == hf.get_vocab()
@@ -155,10 +160,13 @@ def test_tiktoken_matches_the_hf_tokenizer_of_the_same_vocabulary():
 def test_tiktoken_rank_file(tmp_path):
     hf = digit_splitting()
     path = tmp_path / "test.tiktoken"
-    path.write_text("".join(f"{base64.b64encode(b).decode()} {i}\n" for i, b in enumerate(hf.surface_bytes) if b))
+    path.write_text(
+        "".join(f"{base64.b64encode(b).decode()} {i}\n" for i, b in enumerate(hf.surface_bytes) if b)
+    )
     specials = {hf.token_strings[i]: i for i in hf.special_ids}
-    adapter = TiktokenTokenizer.from_file(path, tu.QWEN_SPLIT, special_tokens=specials,
-                                          roles={"eos": "<|endoftext|>"}, normalization="NFC")
+    adapter = TiktokenTokenizer.from_file(
+        path, tu.QWEN_SPLIT, special_tokens=specials, roles={"eos": "<|endoftext|>"}, normalization="NFC"
+    )
     assert adapter.surface_bytes == hf.surface_bytes and adapter.get_vocab() == hf.get_vocab()
     assert adapter.roles == {"eos": specials["<|endoftext|>"]}
     decomposed = unicodedata.normalize("NFD", "café")
@@ -178,8 +186,10 @@ def test_load_from_a_saved_folder_and_file(tmp_path):
     folder = tu.save_pretrained(tu.digit_packing_bpe(), tmp_path / "packing", tu.DIGIT_PACKING_ROLES)
     for spec in (folder, folder / "tokenizer.json", str(folder)):
         adapter = load_tokenizer(spec)
-        assert adapter.roles == {"bos": tu.digit_packing_bpe().token_to_id("<|begin_of_text|>"),
-                                 "eos": tu.digit_packing_bpe().token_to_id("<|end_of_text|>")}
+        assert adapter.roles == {
+            "bos": tu.digit_packing_bpe().token_to_id("<|begin_of_text|>"),
+            "eos": tu.digit_packing_bpe().token_to_id("<|end_of_text|>"),
+        }
         assert adapter.vocab_hash == HFTokenizer(tu.digit_packing_bpe()).vocab_hash
     overridden = load_tokenizer(folder, roles={"pad": "<|reserved_special_token_0|>"})
     assert overridden.roles["pad"] == tu.digit_packing_bpe().token_to_id("<|reserved_special_token_0|>")
@@ -189,8 +199,9 @@ def test_load_from_a_saved_folder_and_file(tmp_path):
 def test_load_a_transformers_fast_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    fast = PreTrainedTokenizerFast(tokenizer_object=tu.sentencepiece_bpe(), bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tu.sentencepiece_bpe(), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     adapter = load_tokenizer(fast)
     assert adapter.roles == {"bos": 1, "eos": 2, "unk": 0}
     assert adapter.get_vocab() == fast.get_vocab()

