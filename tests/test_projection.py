@@ -378,3 +378,70 @@ def test_token_table_display_and_find():
     with pytest.raises(ValueError, match="kinds"):
         TokenTable([b"a"], [5])
 
+
+# ---------------------------------------------------------------------------------------------- command line
+def test_cli_build_audit_show(tmp_path, capsys):
+    from xtoken.cli import main
+
+    student = tu.save_pretrained(tu.digit_packing_bpe(), tmp_path / "student", tu.DIGIT_PACKING_ROLES)
+    teacher = tu.save_pretrained(tu.digit_splitting_bpe(), tmp_path / "teacher", tu.DIGIT_SPLITTING_ROLES)
+    out = tmp_path / "W.safetensors"
+    assert (
+        main(["projection", "build", "--student", str(student), "--teacher", str(teacher), "-o", str(out)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "common pairs: exact" in printed and out.exists()
+    W = Projection.load(out, student, teacher)
+    assert torch.equal(W.idx, Projection.build(packing(), splitting()).idx)
+
+    assert main(["projection", "audit", str(out)]) == 0
+    assert str(W.audit()) in capsys.readouterr().out
+
+    assert main(["projection", "show", str(out), "201"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith('"201": 3 teacher token(s)')
+    assert [line.split()[:2] for line in lines[1:]] == [
+        ['"2"', "0.9009"],
+        ['"0"', "0.0901"],
+        ['"1"', "0.0090"],
+    ]
+
+    assert main(["projection", "show", str(out), "<|begin_of_text|>"]) == 0
+    assert "empty row" in capsys.readouterr().out
+    assert main(["projection", "show", str(out), "--id", str(W.vocabularies.student.find("201")[0])]) == 0
+    assert '"2"' in capsys.readouterr().out
+    assert main(["projection", "show", str(out), "no such token"]) == 1
+    assert "no student token" in capsys.readouterr().err
+    assert main(["projection", "show", str(out), "--id", "x"]) == 2
+
+
+def test_cli_build_with_options(tmp_path, capsys):
+    from xtoken.cli import main
+
+    student = tu.save_pretrained(tu.digit_packing_bpe(), tmp_path / "student", tu.DIGIT_PACKING_ROLES)
+    teacher = tu.save_pretrained(tu.sentencepiece_bpe(), tmp_path / "teacher", tu.SENTENCEPIECE_ROLES)
+    out = tmp_path / "W.safetensors"
+    assert (
+        main(
+            [
+                "projection",
+                "build",
+                "--student",
+                str(student / "tokenizer.json"),
+                "--teacher",
+                str(teacher),
+                "-o",
+                str(out),
+                "--top-k",
+                "2",
+                "--teacher-vocab-size",
+                "1000",
+                "--gamma",
+                "0.5",
+            ]
+        )
+        == 0
+    )
+    W = Projection.load(out)
+    assert W.top_k == 2 and W.teacher_vocab_size == 1000 and W.metadata["gamma"] == "0.5"
