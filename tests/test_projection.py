@@ -445,3 +445,13 @@ def test_cli_build_with_options(tmp_path, capsys):
     )
     W = Projection.load(out)
     assert W.top_k == 2 and W.teacher_vocab_size == 1000 and W.metadata["gamma"] == "0.5"
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    from xtoken.cli import main
+
+    out = str(tmp_path / "W.safetensors")
+    assert main(["projection", "build", "--student", "nope", "--teacher", "nope", "-o", out]) == 2
+    assert "error: tokenizer 'nope': no such file or folder" in capsys.readouterr().err
+    assert main(["projection", "audit", str(tmp_path / "missing.safetensors")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

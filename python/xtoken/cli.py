@@ -54,18 +54,31 @@ def _add_projection(sub: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--max-pieces", type=int, default=4, help="decomposition pieces that count (default 4)"
     )
-    build.set_defaults(func=_run_projection_build)
+    build.set_defaults(func=_clean_errors(_run_projection_build))
 
     audit = actions.add_parser("audit", help="print the coverage table of a saved W and the recommended loss")
     audit.add_argument("path", help="a W saved by `xtoken projection build`")
     audit.add_argument("--threshold", type=float, default=0.6, help="relaxed-pair threshold (default 0.6)")
-    audit.set_defaults(func=_run_projection_audit)
+    audit.set_defaults(func=_clean_errors(_run_projection_audit))
 
     show = actions.add_parser("show", help="print a student token's row of W")
     show.add_argument("path", help="a W saved by `xtoken projection build`")
     show.add_argument("token", help="the student token's text (e.g. 201, ' the') or, with --id, its id")
     show.add_argument("--id", action="store_true", help="TOKEN is a student token id")
-    show.set_defaults(func=_run_projection_show)
+    show.set_defaults(func=_clean_errors(_run_projection_show))
+
+
+def _clean_errors(run):
+    """``run`` with bad input (a missing file, a wrong tokenizer, a missing package) reported in one line."""
+
+    def run_reporting_errors(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (ValueError, OSError, ImportError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run_reporting_errors
 
 
 def _run_projection_build(args: argparse.Namespace) -> int:
