@@ -24,10 +24,132 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_projection(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "projection", help="build, audit and inspect the projection W between two vocabularies"
+    )
+    actions = p.add_subparsers(dest="action", required=True)
+
+    build = actions.add_parser("build", help="build W from a student and a teacher tokenizer (SPEC.md §5)")
+    tokenizer_help = (
+        "a tokenizer.json, a folder holding one, a tiktoken BPE rank file (with --{}-pattern), or a "
+        "built-in name: llama3.2, qwen, qwen3.6"
+    )
+    build.add_argument("--student", required=True, help=tokenizer_help.format("student"))
+    build.add_argument("--teacher", required=True, help=tokenizer_help.format("teacher"))
+    build.add_argument("-o", "--output", required=True, help="the safetensors file to write")
+    build.add_argument("--student-pattern", help="split regex of a tiktoken student rank file")
+    build.add_argument("--teacher-pattern", help="split regex of a tiktoken teacher rank file")
+    build.add_argument(
+        "--student-vocab-size", type=int, help="student logit width (default: the tokenizer's size)"
+    )
+    build.add_argument(
+        "--teacher-vocab-size", type=int, help="teacher logit width (default: the tokenizer's size)"
+    )
+    build.add_argument("--top-k", type=int, default=4, help="teacher tokens kept per row (default 4)")
+    build.add_argument(
+        "--beta", type=float, default=0.9, help="weight of the first decomposition piece (default 0.9)"
+    )
+    build.add_argument("--gamma", type=float, default=0.1, help="decay per further piece (default 0.1)")
+    build.add_argument(
+        "--max-pieces", type=int, default=4, help="decomposition pieces that count (default 4)"
+    )
+    build.set_defaults(func=_clean_errors(_run_projection_build))
+
+    audit = actions.add_parser("audit", help="print the coverage table of a saved W and the recommended loss")
+    audit.add_argument("path", help="a W saved by `xtoken projection build`")
+    audit.add_argument("--threshold", type=float, default=0.6, help="relaxed-pair threshold (default 0.6)")
+    audit.set_defaults(func=_clean_errors(_run_projection_audit))
+
+    show = actions.add_parser("show", help="print a student token's row of W")
+    show.add_argument("path", help="a W saved by `xtoken projection build`")
+    show.add_argument("token", help="the student token's text (e.g. 201, ' the') or, with --id, its id")
+    show.add_argument("--id", action="store_true", help="TOKEN is a student token id")
+    show.set_defaults(func=_clean_errors(_run_projection_show))
+
+
+def _clean_errors(run):
+    """``run`` with bad input (a missing file, a wrong tokenizer, a missing package) reported in one line."""
+
+    def run_reporting_errors(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (ValueError, OSError, ImportError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run_reporting_errors
+
+
+def _run_projection_build(args: argparse.Namespace) -> int:
+    import time
+
+    from .projection import Projection
+    from .tokenizer import load_tokenizer
+
+    start = time.perf_counter()
+    student = load_tokenizer(args.student, pattern=args.student_pattern)
+    teacher = load_tokenizer(args.teacher, pattern=args.teacher_pattern)
+    projection = Projection.build(
+        student, teacher, top_k=args.top_k, beta=args.beta, gamma=args.gamma, max_pieces=args.max_pieces,
+        student_vocab_size=args.student_vocab_size, teacher_vocab_size=args.teacher_vocab_size, progress=True,
+    )  # fmt: skip
+    projection.save(args.output)
+    print(f"{projection!r} built in {time.perf_counter() - start:.1f} s, saved to {args.output}")
+    print(f"student {student.name} ({len(student):,} ids), teacher {teacher.name} ({len(teacher):,} ids)")
+    counts = ", ".join(
+        f"{kind} {len(projection.common_pairs(kind)):,}" for kind in ("exact", "raw", "relaxed")
+    )
+    print(f"common pairs: {counts}")
+    return 0
+
+
+def _run_projection_audit(args: argparse.Namespace) -> int:
+    from .projection import Projection
+
+    print(Projection.load(args.path).audit(args.threshold))
+    return 0
+
+
+def _run_projection_show(args: argparse.Namespace) -> int:
+    from .projection import Projection
+
+    projection = Projection.load(args.path)
+    if projection.vocabularies is None:
+        print(
+            f"error: {args.path} has no vocabularies (it was not built by `xtoken projection build`)",
+            file=sys.stderr,
+        )
+        return 2
+    student, teacher = projection.vocabularies.student, projection.vocabularies.teacher
+    if args.id:
+        if not args.token.isdigit() or int(args.token) >= len(student):
+            print(
+                f"error: --id expects a student token id below {len(student)}, got {args.token!r}",
+                file=sys.stderr,
+            )
+            return 2
+        ids = [int(args.token)]
+    else:
+        ids = student.find(args.token)
+        if not ids:
+            print(f"error: no student token has the text {args.token!r}", file=sys.stderr)
+            return 1
+    for s in ids:
+        row = projection.row(s)
+        print(
+            f"student token {s} {student.display(s)}: "
+            + (f"{len(row)} teacher token(s)" if row else "empty row")
+        )
+        for t, weight in row:
+            print(f"  {teacher.display(t):<24} {weight:.4f}  (id {t})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xtoken", description="cross-tokenizer knowledge distillation")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_bench,):
+    for add in (_add_bench, _add_projection):
         add(sub)
     return parser
 

@@ -4,15 +4,32 @@ W is stored as ELL: ``idx [V_s, P]`` (int32 teacher ids, -1 = empty slot) and ``
 (float32 weights; each row sums to 1, or 0 for an unmapped row). The kernels also read W's transpose
 (``col_ptr [V_t + 1]``, ``col_src``, ``col_val``), built once here, so that both ``W^T p`` and ``W g``
 are gathers: no atomics, deterministic results.
+
+:meth:`Projection.build` makes W from two tokenizers (exact pass, decomposition pass, special-token
+roles; SPEC.md §5) row by row, never as a dense matrix. A built W keeps what the common pairs and the
+coverage audit need (:class:`Vocabularies`), and saves it with W in one safetensors file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import json
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["Projection", "ProjectionColumns"]
+from .tokenizer import ROLES, TokenizerAdapter, load_tokenizer
+
+__all__ = ["AuditRow", "Projection", "ProjectionAudit", "ProjectionColumns", "TokenTable", "Vocabularies"]
+
+FORMAT = "xtoken-projection-1"
+PAIR_KINDS = ("exact", "raw", "relaxed")
+RELAXED_THRESHOLD = 0.6
 
 ROW_SUM_TOLERANCE = 1e-4
 
@@ -27,6 +44,111 @@ class ProjectionColumns:
     col_val: torch.Tensor  # float32 [nnz]
 
 
+class TokenTable:
+    """One vocabulary as W remembers it: per id, the token's text (its surface bytes; for a special
+    token, its name in UTF-8) and its kind (regular, special, or an id the tokenizer does not use).
+    It lets a saved W show rows and audit coverage without the tokenizers."""
+
+    REGULAR, SPECIAL, UNUSED = 0, 1, 2
+
+    def __init__(self, texts: Sequence[bytes], kinds: Sequence[int]) -> None:
+        if len(texts) != len(kinds):
+            raise ValueError(f"TokenTable: {len(texts)} texts but {len(kinds)} kinds")
+        if any(k not in (self.REGULAR, self.SPECIAL, self.UNUSED) for k in set(kinds)):
+            raise ValueError("TokenTable: kinds must be 0 (regular), 1 (special) or 2 (unused)")
+        self.texts = list(texts)
+        self.kinds = list(kinds)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: TokenizerAdapter, size: int) -> "TokenTable":
+        """The first ``size`` ids of ``tokenizer``."""
+        surface, strings = tokenizer.surface_bytes, tokenizer.token_strings
+        texts, kinds = [], []
+        for i in range(size):
+            if surface[i] is not None:
+                texts.append(surface[i])
+                kinds.append(cls.REGULAR)
+            elif strings[i] is not None:
+                texts.append(strings[i].encode("utf-8", "surrogatepass"))
+                kinds.append(cls.SPECIAL)
+            else:
+                texts.append(b"")
+                kinds.append(cls.UNUSED)
+        return cls(texts, kinds)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TokenTable) and self.texts == other.texts and self.kinds == other.kinds
+
+    def display(self, token_id: int) -> str:
+        """The token as a quoted string (``"201"``, ``" the"``, ``"\\xe6"`` for a lone byte); a special
+        token as its bare name."""
+        if self.kinds[token_id] == self.SPECIAL:
+            return self.texts[token_id].decode("utf-8", "replace")
+        if self.kinds[token_id] == self.UNUSED:
+            return "(unused id)"
+        return _quote(self.texts[token_id])
+
+    def find(self, text: str) -> list[int]:
+        """Ids whose surface text (or special-token name) is ``text``."""
+        wanted = text.encode("utf-8", "surrogateescape")
+        return [i for i, (t, k) in enumerate(zip(self.texts, self.kinds)) if t == wanted and k != self.UNUSED]
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        lengths = torch.tensor([len(t) for t in self.texts], dtype=torch.int64)
+        offsets = torch.zeros(len(self.texts) + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        flat = torch.from_numpy(np.frombuffer(b"".join(self.texts), dtype=np.uint8).copy())
+        return {
+            f"{prefix}_text": flat,
+            f"{prefix}_text_offsets": offsets,
+            f"{prefix}_kind": torch.tensor(self.kinds, dtype=torch.uint8),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "TokenTable":
+        flat = tensors[f"{prefix}_text"].numpy().tobytes()
+        offsets = tensors[f"{prefix}_text_offsets"].tolist()
+        texts = [flat[a:b] for a, b in itertools.pairwise(offsets)]
+        return cls(texts, tensors[f"{prefix}_kind"].tolist())
+
+
+def _quote(text: bytes) -> str:
+    """``text`` in double quotes, with escapes for control characters, quotes, backslashes and bytes that
+    are not valid UTF-8 (``\\xNN``)."""
+    out = []
+    for c in text.decode("utf-8", "surrogateescape"):
+        if "\udc80" <= c <= "\udcff":
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        elif c in '"\\':
+            out.append("\\" + c)
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(c.encode("unicode_escape").decode("ascii"))
+    return '"' + "".join(out) + '"'
+
+
+@dataclass(frozen=True)
+class Vocabularies:
+    """What a built W keeps of its two tokenizers (and saves with W).
+
+    Attributes:
+        student, teacher: the two token tables (up to the logit widths).
+        exact_match: int32 ``[V_s]``: per student row, the teacher id the exact pass matched (the lowest
+            one with the same surface bytes), -1 where none.
+        raw_pairs: int32 ``[C, 2]``: the "raw" common pairs, equal vocabulary strings (TRL's rule), sorted
+            by student id.
+    """
+
+    student: TokenTable
+    teacher: TokenTable
+    exact_match: torch.Tensor
+    raw_pairs: torch.Tensor
+
+
 class Projection:
     """A sparse, row-stochastic projection W: student vocabulary -> teacher vocabulary.
 
@@ -37,6 +159,8 @@ class Projection:
             A teacher whose logits are wider (a padded lm_head) is handled by the losses, which extend W
             with empty columns.
         metadata: free-form strings (tokenizer names, hashes, build parameters), kept with W when saved.
+        vocabularies: what the common pairs and the audit need of the two tokenizers (set by :meth:`build`
+            and :meth:`load`; None for a W made from tensors alone).
     """
 
     def __init__(
@@ -46,6 +170,7 @@ class Projection:
         *,
         teacher_vocab_size: int | None = None,
         metadata: dict[str, str] | None = None,
+        vocabularies: Vocabularies | None = None,
     ) -> None:
         idx, val = torch.as_tensor(idx), torch.as_tensor(val)
         if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
@@ -78,8 +203,34 @@ class Projection:
         self.val = val
         self.teacher_vocab_size = int(teacher_vocab_size)
         self.metadata = dict(metadata or {})
+        if vocabularies is not None:
+            self._check_vocabularies(vocabularies)
+        self.vocabularies = vocabularies
         self._columns: dict[int, ProjectionColumns] = {}
         self._moved: dict[torch.device, Projection] = {}
+
+    def _check_vocabularies(self, vocabularies: Vocabularies) -> None:
+        v_s, v_t = self.student_vocab_size, self.teacher_vocab_size
+        if len(vocabularies.student) > v_s or len(vocabularies.teacher) > v_t:
+            raise ValueError(
+                f"vocabularies: token tables of {len(vocabularies.student)} and {len(vocabularies.teacher)} "
+                f"ids do not fit W's {v_s} x {v_t}"
+            )
+        exact = vocabularies.exact_match
+        if exact.dtype != torch.int32 or exact.shape != (v_s,) or (exact.numel() and int(exact.max()) >= v_t):
+            raise ValueError(
+                f"vocabularies.exact_match: expected int32 [{v_s}] teacher ids below {v_t}, got "
+                f"{exact.dtype} {tuple(exact.shape)}"
+            )
+        raw = vocabularies.raw_pairs
+        if raw.dtype != torch.int32 or raw.dim() != 2 or raw.shape[1] != 2:
+            raise ValueError(
+                f"vocabularies.raw_pairs: expected int32 [C, 2], got {raw.dtype} {tuple(raw.shape)}"
+            )
+        if raw.numel() and not (
+            0 <= int(raw.min()) and int(raw[:, 0].max()) < v_s and int(raw[:, 1].max()) < v_t
+        ):
+            raise ValueError(f"vocabularies.raw_pairs: pairs must lie in [0, {v_s}) x [0, {v_t})")
 
     # ------------------------------------------------------------------ shape and placement
     @property
@@ -115,6 +266,7 @@ class Projection:
             moved.val = self.val.to(device)
             moved.teacher_vocab_size = self.teacher_vocab_size
             moved.metadata = self.metadata
+            moved.vocabularies = self.vocabularies
             moved._columns = {v: ProjectionColumns(*(t.to(device) for t in (c.col_ptr, c.col_src, c.col_val)))
                               for v, c in self._columns.items()}
             moved._moved = {}
@@ -164,7 +316,12 @@ class Projection:
             return self
         idx = torch.cat([self.idx, self.idx.new_full((extra, self.top_k), -1)])
         val = torch.cat([self.val, self.val.new_zeros((extra, self.top_k))])
-        return Projection(idx, val, teacher_vocab_size=self.teacher_vocab_size, metadata=self.metadata)
+        vocabularies = self.vocabularies
+        if vocabularies is not None:
+            exact = torch.cat([vocabularies.exact_match, vocabularies.exact_match.new_full((extra,), -1)])
+            vocabularies = replace(vocabularies, exact_match=exact)
+        return Projection(idx, val, teacher_vocab_size=self.teacher_vocab_size, metadata=self.metadata,
+                          vocabularies=vocabularies)
 
     # ------------------------------------------------------------------ the transpose
     def columns(self, teacher_width: int | None = None) -> ProjectionColumns:
@@ -192,3 +349,497 @@ class Projection:
         """(idx, val, col_ptr, col_src, col_val): W as the xtoken ops take it."""
         cols = self.columns(teacher_width)
         return (self.idx, self.val, cols.col_ptr, cols.col_src, cols.col_val)
+
+    # ------------------------------------------------------------------ building from two tokenizers
+    @classmethod
+    def build(
+        cls,
+        student_tokenizer: Any,
+        teacher_tokenizer: Any,
+        *,
+        top_k: int = 4,
+        beta: float = 0.9,
+        gamma: float = 0.1,
+        max_pieces: int = 4,
+        student_vocab_size: int | None = None,
+        teacher_vocab_size: int | None = None,
+        progress: bool = False,
+    ) -> "Projection":
+        """W from two tokenizers (SPEC.md §5), built row by row (never as a dense matrix).
+
+        1. Exact pass: a student token whose surface bytes equal a teacher token's gets that teacher token
+           (the lowest id among equals) with weight 1.
+        2. Decomposition pass: any other student token is re-encoded by the teacher as running text (no
+           special tokens, no dummy-prefix space; bytes that are not valid UTF-8 on their own become the
+           teacher's token for that byte); piece i of the first ``max_pieces`` gets ``beta * gamma**i``
+           (repeated pieces add up), the ``top_k`` largest are kept (earlier pieces win ties) and the row is
+           renormalized. So "201" -> "2", "0", "1" gets 0.9009, 0.0901, 0.0090.
+        3. Special tokens: a student special token with a role (bos, eos, pad, unk; the first of these it
+           holds) maps to the teacher token with the same role, weight 1. Other special tokens keep an empty
+           row.
+
+        Args:
+            student_tokenizer, teacher_tokenizer: anything :func:`xtoken.tokenizer.load_tokenizer` takes: an
+                adapter, a ``tokenizers.Tokenizer``, a transformers fast tokenizer, a ``tiktoken.Encoding``,
+                a tokenizer.json path or folder, or a built-in name such as ``"llama3.2"`` or ``"qwen"``.
+            top_k: P, the teacher tokens kept per row.
+            beta, gamma: the decomposition weights (beta > 0, gamma >= 0).
+            max_pieces: L, how many leading pieces of a decomposition count.
+            student_vocab_size, teacher_vocab_size: the logit widths W covers (default: the tokenizers'
+                sizes). A larger width (a padded lm_head) adds empty rows or columns; a smaller one may only
+                cut off trailing special tokens.
+            progress: show a progress bar over the decomposition pass.
+        """
+        _check_build_options(top_k, beta, gamma, max_pieces)
+        student, teacher = load_tokenizer(student_tokenizer), load_tokenizer(teacher_tokenizer)
+        v_s = _logit_width(student, student_vocab_size, "student_vocab_size")
+        v_t = _logit_width(teacher, teacher_vocab_size, "teacher_vocab_size")
+        n_s, n_t = min(v_s, len(student)), min(v_t, len(teacher))
+        teacher_by_bytes = _lowest_id_by_bytes(teacher.surface_bytes[:n_t])
+
+        surface = student.surface_bytes
+        exact = np.full(v_s, -1, dtype=np.int32)
+        unmatched = []
+        for s in range(n_s):
+            if surface[s]:
+                t = teacher_by_bytes.get(surface[s])
+                if t is None:
+                    unmatched.append(s)
+                else:
+                    exact[s] = t
+        idx = np.full((v_s, top_k), -1, dtype=np.int32)
+        val = np.zeros((v_s, top_k), dtype=np.float32)
+        matched = exact >= 0
+        idx[matched, 0], val[matched, 0] = exact[matched], 1.0
+
+        pieces = _decompose(
+            [surface[s] for s in unmatched], teacher, teacher_by_bytes, n_t, max_pieces, progress
+        )
+        for s, token_pieces in zip(unmatched, pieces):
+            for slot, (t, weight) in enumerate(_piece_weights(token_pieces, beta, gamma, top_k)):
+                idx[s, slot], val[s, slot] = t, weight
+        for s, t in _role_matches(student, teacher, n_s, n_t).items():
+            idx[s, 0], val[s, 0] = t, 1.0
+
+        vocabularies = Vocabularies(
+            TokenTable.from_tokenizer(student, n_s), TokenTable.from_tokenizer(teacher, n_t),
+            torch.from_numpy(exact), _raw_pairs(student, teacher, n_s, n_t),
+        )  # fmt: skip
+        metadata = {
+            **_tokenizer_metadata("student", student),
+            **_tokenizer_metadata("teacher", teacher),
+            "top_k": str(top_k),
+            "beta": repr(float(beta)),
+            "gamma": repr(float(gamma)),
+            "max_pieces": str(max_pieces),
+        }
+        return cls(
+            torch.from_numpy(idx),
+            torch.from_numpy(val),
+            teacher_vocab_size=v_t,
+            metadata=metadata,
+            vocabularies=vocabularies,
+        )
+
+    # ------------------------------------------------------------------ common pairs
+    def row(self, student_id: int) -> list[tuple[int, float]]:
+        """Student token ``student_id``'s row of W: (teacher id, weight) per filled slot, in slot order."""
+        if not 0 <= student_id < self.student_vocab_size:
+            raise IndexError(f"student_id {student_id} is outside W's {self.student_vocab_size} rows")
+        ids, weights = self.idx[student_id].tolist(), self.val[student_id].tolist()
+        return [(t, w) for t, w in zip(ids, weights) if t >= 0]
+
+    def common_pairs(self, kind: str = "relaxed", threshold: float = RELAXED_THRESHOLD) -> torch.Tensor:
+        """One-to-one common pairs ``(s, t)`` as int32 ``[C, 2]``, sorted by student id (SPEC.md §5).
+
+        - ``"exact"``: the exact-pass matches, one per teacher token (the lowest student id wins): GOLD's
+          pairs.
+        - ``"raw"``: equal vocabulary strings of the two ``get_vocab()``s (TRL's rule, for parity with TRL).
+        - ``"relaxed"``: every student token whose largest weight is >= ``threshold``, paired with that
+          teacher token (the lowest id among equal weights); when several claim one teacher token, the
+          highest weight wins, then an exact-pass match, then the lowest student id. H-KL's pairs.
+
+        ``"exact"`` and ``"raw"`` need a W from :meth:`build` or :meth:`load`; ``"relaxed"`` works on any W.
+        """
+        if kind not in PAIR_KINDS:
+            raise ValueError(f"kind: expected one of {PAIR_KINDS}, got {kind!r}")
+        if kind == "relaxed":
+            return self._relaxed_pairs(threshold)
+        vocabularies = self._require_vocabularies(f"common_pairs({kind!r})")
+        if kind == "raw":
+            return vocabularies.raw_pairs.clone()
+        exact = vocabularies.exact_match.numpy()
+        students = np.flatnonzero(exact >= 0)
+        _, first = np.unique(exact[students], return_index=True)  # students ascend: the first is the lowest
+        students = students[np.sort(first)]
+        return _pair_tensor(students, exact[students])
+
+    def _relaxed_pairs(self, threshold: float) -> torch.Tensor:
+        if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+            raise ValueError(f"threshold: expected a number in (0, 1], got {threshold!r}")
+        idx, val = self.idx.cpu().numpy(), self.val.cpu().numpy()
+        present = idx >= 0
+        best = np.where(present, val, -np.inf).max(axis=1, initial=-np.inf)
+        top = np.where(present & (val == best[:, None]), idx, np.iinfo(np.int32).max).min(
+            axis=1, initial=np.iinfo(np.int32).max
+        )
+        students = np.flatnonzero(best >= threshold)
+        teachers, weights = top[students], best[students]
+        if self.vocabularies is None:
+            exact = np.zeros(len(students), dtype=bool)
+        else:
+            exact = self.vocabularies.exact_match.numpy()[students] == teachers
+        order = np.lexsort((students, ~exact, -weights, teachers))  # by teacher, then the claim's rank
+        sorted_teachers = teachers[order]
+        winners = np.sort(order[np.r_[True, sorted_teachers[1:] != sorted_teachers[:-1]]])
+        return _pair_tensor(students[winners], teachers[winners])
+
+    def _require_vocabularies(self, what: str) -> Vocabularies:
+        if self.vocabularies is None:
+            raise ValueError(
+                f"{what} needs a W built from tokenizers (Projection.build, or Projection.load of a "
+                "W saved after build); this W was made from tensors alone"
+            )
+        return self.vocabularies
+
+    # ------------------------------------------------------------------ coverage audit
+    def audit(self, threshold: float = RELAXED_THRESHOLD) -> "ProjectionAudit":
+        """Coverage of the student vocabulary by token class: how many tokens of each class are in the exact
+        pairs, in the relaxed pairs (at ``threshold``) and mapped by W, with a loss recommendation."""
+        vocabularies = self._require_vocabularies("audit()")
+        in_exact = np.zeros(self.student_vocab_size, dtype=bool)
+        in_exact[self.common_pairs("exact")[:, 0].numpy()] = True
+        in_relaxed = np.zeros(self.student_vocab_size, dtype=bool)
+        in_relaxed[self.common_pairs("relaxed", threshold)[:, 0].numpy()] = True
+        mapped = (self.idx >= 0).any(dim=1).cpu().numpy()
+        counts = {name: [0, 0, 0, 0] for name in AUDIT_CLASSES}
+        table = vocabularies.student
+        for s, (text, kind) in enumerate(zip(table.texts, table.kinds)):
+            if kind != TokenTable.UNUSED:
+                count = counts[_token_class(text, kind == TokenTable.SPECIAL)]
+                count[0] += 1
+                count[1] += in_exact[s]
+                count[2] += in_relaxed[s]
+                count[3] += mapped[s]
+        rows = tuple(AuditRow(name, *map(int, counts[name])) for name in AUDIT_CLASSES)
+        return ProjectionAudit(rows, threshold, *_recommend(rows))
+
+    # ------------------------------------------------------------------ saving and loading
+    def save(self, path: str | Any) -> None:
+        """Save W (and, for a built W, its vocabularies) as one safetensors file, with the metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {"idx": self.idx.cpu().contiguous(), "val": self.val.cpu().contiguous()}
+        if self.vocabularies is not None:
+            tensors["exact_match"] = self.vocabularies.exact_match.contiguous()
+            tensors["raw_pairs"] = self.vocabularies.raw_pairs.contiguous()
+            tensors.update(self.vocabularies.student.to_tensors("student"))
+            tensors.update(self.vocabularies.teacher.to_tensors("teacher"))
+        metadata = {**self.metadata, "format": FORMAT, "teacher_vocab_size": str(self.teacher_vocab_size)}
+        save_file(tensors, str(path), metadata=metadata)
+
+    @classmethod
+    def load(
+        cls, path: str | Any, student_tokenizer: Any = None, teacher_tokenizer: Any = None
+    ) -> "Projection":
+        """Load a W saved by :meth:`save`. Given tokenizers are checked against the vocabulary hashes W was
+        built with (:meth:`check_tokenizers`): a mismatch raises ``ValueError``."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        if metadata.pop("format", None) != FORMAT or not {"idx", "val"} <= tensors.keys():
+            raise ValueError(
+                f"{path}: not an xtoken projection (expected format {FORMAT!r} with 'idx' and 'val')"
+            )
+        vocabularies = None
+        if "exact_match" in tensors:
+            vocabularies = Vocabularies(
+                TokenTable.from_tensors(tensors, "student"),
+                TokenTable.from_tensors(tensors, "teacher"),
+                tensors["exact_match"],
+                tensors["raw_pairs"],
+            )
+        teacher_vocab_size = int(metadata.pop("teacher_vocab_size"))
+        projection = cls(
+            tensors["idx"],
+            tensors["val"],
+            teacher_vocab_size=teacher_vocab_size,
+            metadata=metadata,
+            vocabularies=vocabularies,
+        )
+        projection.check_tokenizers(student_tokenizer, teacher_tokenizer)
+        return projection
+
+    def check_tokenizers(self, student_tokenizer: Any = None, teacher_tokenizer: Any = None) -> None:
+        """Raise ``ValueError`` unless the given tokenizers have the vocabularies W was built for."""
+        for side, tokenizer in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
+            if tokenizer is None:
+                continue
+            expected = self.metadata.get(f"{side}_vocab_hash")
+            if expected is None:
+                raise ValueError(
+                    f"W records no {side} vocabulary hash (it was not built by Projection.build), so "
+                    f"the {side} tokenizer cannot be checked"
+                )
+            adapter = load_tokenizer(tokenizer)
+            if adapter.vocab_hash != expected:
+                built_for = self.metadata.get(f"{side}_tokenizer")
+                size = self.metadata.get(f"{side}_tokenizer_size")
+                raise ValueError(
+                    f"the {side} tokenizer {adapter.name!r} ({len(adapter)} ids, vocabulary hash "
+                    f"{adapter.vocab_hash[:16]}) is not the one W was built for: {built_for!r} ({size} ids, "
+                    f"vocabulary hash {expected[:16]})"
+                )
+
+
+# ---------------------------------------------------------------------- build helpers
+DECOMPOSITION_BATCH = 4096
+
+
+def _check_build_options(top_k: int, beta: float, gamma: float, max_pieces: int) -> None:
+    if not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k: expected an integer >= 1, got {top_k!r}")
+    if not (isinstance(max_pieces, int) and max_pieces >= 1):
+        raise ValueError(f"max_pieces: expected an integer >= 1, got {max_pieces!r}")
+    if not (isinstance(beta, (int, float)) and 0 < beta < float("inf")):
+        raise ValueError(f"beta: expected a finite number > 0, got {beta!r}")
+    if not (isinstance(gamma, (int, float)) and 0 <= gamma < float("inf")):
+        raise ValueError(f"gamma: expected a finite number >= 0, got {gamma!r}")
+
+
+def _logit_width(tokenizer: TokenizerAdapter, width: int | None, name: str) -> int:
+    """The logit width W covers: by default the tokenizer's size; a smaller width may cut off special tokens
+    only."""
+    if width is None:
+        return len(tokenizer)
+    if not (isinstance(width, int) and width >= 1):
+        raise ValueError(f"{name}: expected an integer >= 1, got {width!r}")
+    surface = tokenizer.surface_bytes
+    cut = next((i for i in range(width, len(tokenizer)) if surface[i] is not None), None)
+    if cut is not None:
+        raise ValueError(
+            f"{name}={width} is smaller than {tokenizer.name}'s {len(tokenizer)} ids and would cut "
+            f"off the regular token {cut} {_quote(surface[cut])}; only trailing special tokens may "
+            "lie beyond the logit width"
+        )
+    return width
+
+
+def _lowest_id_by_bytes(surface: Sequence[bytes | None]) -> dict[bytes, int]:
+    by_bytes: dict[bytes, int] = {}
+    for i, text in enumerate(surface):
+        if text:
+            by_bytes.setdefault(text, i)
+    return by_bytes
+
+
+def _text_runs(text: bytes) -> list[str | int]:
+    """``text`` as maximal runs of valid UTF-8 (``str``) and the bytes that are not valid UTF-8 on their
+    own (``int``), in order."""
+    runs: list[str | int] = []
+    for part in re.split("([\udc80-\udcff])", text.decode("utf-8", "surrogateescape")):
+        if len(part) == 1 and "\udc80" <= part <= "\udcff":
+            runs.append(ord(part) - 0xDC00)
+        elif part:
+            runs.append(part)
+    return runs
+
+
+def _decompose(
+    texts: list[bytes],
+    teacher: TokenizerAdapter,
+    teacher_by_bytes: dict[bytes, int],
+    n_t: int,
+    max_pieces: int,
+    progress: bool,
+) -> list[list[int]]:
+    """Per student token text, its first ``max_pieces`` teacher pieces. Valid UTF-8 runs are encoded by the
+    teacher in batches (a run the teacher encodes to nothing falls back to its bytes); a byte that is not
+    valid UTF-8 on its own becomes the teacher's token for that byte."""
+    from tqdm import tqdm
+
+    runs = [_text_runs(text) for text in texts]
+    fragments = [run for token_runs in runs for run in token_runs if isinstance(run, str)]
+    encoded: list[list[int]] = []
+    with tqdm(total=len(fragments), desc="decomposition pass", unit="token", disable=not progress) as bar:
+        for start in range(0, len(fragments), DECOMPOSITION_BATCH):
+            batch = fragments[start : start + DECOMPOSITION_BATCH]
+            encoded.extend(teacher.encode_fragments(batch))
+            bar.update(len(batch))
+    next_encoding = iter(encoded)
+
+    def byte_pieces(data: bytes) -> list[int]:
+        return [teacher_by_bytes[b] for b in (bytes([x]) for x in data) if b in teacher_by_bytes]
+
+    decompositions = []
+    for token_runs in runs:
+        pieces: list[int] = []
+        for run in token_runs:
+            if isinstance(run, str):
+                pieces += next(next_encoding) or byte_pieces(run.encode("utf-8"))
+            else:
+                pieces += byte_pieces(bytes([run]))
+        decompositions.append([t for t in pieces if t < n_t][:max_pieces])
+    return decompositions
+
+
+def _piece_weights(pieces: list[int], beta: float, gamma: float, top_k: int) -> list[tuple[int, float]]:
+    """(teacher id, weight) for a decomposition: piece i gets beta * gamma**i, repeats add up, the top_k
+    largest stay (earlier pieces win ties) and are renormalized to sum 1."""
+    weights: dict[int, float] = {}
+    for i, t in enumerate(pieces):
+        weights[t] = weights.get(t, 0.0) + beta * gamma**i
+    kept = sorted((item for item in weights.items() if item[1] > 0), key=lambda item: -item[1])[:top_k]
+    total = sum(w for _, w in kept)
+    return [(t, w / total) for t, w in kept]
+
+
+def _role_matches(student: TokenizerAdapter, teacher: TokenizerAdapter, n_s: int, n_t: int) -> dict[int, int]:
+    """Student special token -> teacher token of the same role (bos, eos, pad, unk; the first role wins)."""
+    matches: dict[int, int] = {}
+    for role in ROLES:
+        s, t = student.roles.get(role), teacher.roles.get(role)
+        if s is not None and t is not None and s < n_s and t < n_t and s in student.special_ids:
+            matches.setdefault(s, t)
+    return matches
+
+
+def _raw_pairs(student: TokenizerAdapter, teacher: TokenizerAdapter, n_s: int, n_t: int) -> torch.Tensor:
+    """TRL's vocabulary mapping: teacher and student tokens with the same ``get_vocab()`` string."""
+    student_vocab = student.get_vocab()
+    pairs = sorted(
+        (student_vocab[token], t)
+        for token, t in teacher.get_vocab().items()
+        if token in student_vocab and student_vocab[token] < n_s and t < n_t
+    )
+    return _pair_tensor(
+        np.array([s for s, _ in pairs], dtype=np.int64), np.array([t for _, t in pairs], dtype=np.int64)
+    )
+
+
+def _pair_tensor(students: np.ndarray, teachers: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.stack([students, teachers], axis=1).astype(np.int32).reshape(-1, 2))
+
+
+def _tokenizer_metadata(side: str, tokenizer: TokenizerAdapter) -> dict[str, str]:
+    return {
+        f"{side}_tokenizer": tokenizer.name,
+        f"{side}_vocab_hash": tokenizer.vocab_hash,
+        f"{side}_tokenizer_size": str(len(tokenizer)),
+        f"{side}_roles": json.dumps(tokenizer.roles, sort_keys=True),
+    }
+
+
+# ---------------------------------------------------------------------- coverage audit
+AUDIT_CLASSES = (
+    "numeral, 1 digit",
+    "numeral, 2 digits",
+    "numeral, 3 digits",
+    "word",
+    "space + word",
+    "punctuation",
+    "whitespace",
+    "multi-byte",
+    "other",
+    "special",
+)
+_ASCII_PUNCTUATION = frozenset(string.punctuation.encode("ascii"))
+
+
+def _token_class(text: bytes, special: bool) -> str:
+    """The audit class of a student token: ASCII digits (1-3), ASCII letters with or without one leading
+    space, ASCII punctuation only, ASCII whitespace only, any non-ASCII byte, other, or special."""
+    if special:
+        return "special"
+    if text.isdigit() and len(text) <= 3:  # bytes.isdigit / isalpha / isspace are ASCII-only
+        return AUDIT_CLASSES[len(text) - 1]
+    if text.isalpha():
+        return "word"
+    if text[:1] == b" " and text[1:].isalpha():
+        return "space + word"
+    if text and all(b in _ASCII_PUNCTUATION for b in text):
+        return "punctuation"
+    if text.isspace():
+        return "whitespace"
+    if any(b >= 0x80 for b in text):
+        return "multi-byte"
+    return "other"
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One token class: how many student tokens it has, and how many are in the exact pairs, in the relaxed
+    pairs and mapped by W (a non-empty row)."""
+
+    name: str
+    tokens: int
+    exact: int
+    relaxed: int
+    mapped: int
+
+
+@dataclass(frozen=True)
+class ProjectionAudit:
+    """The coverage audit of a W (:meth:`Projection.audit`). ``str()`` gives the printed table.
+
+    Attributes:
+        rows: one :class:`AuditRow` per class, in :data:`AUDIT_CLASSES` order.
+        threshold: the relaxed-pair threshold used.
+        recommendation: ``"pkl"`` or ``"hkl"``.
+        reason: why, in one sentence.
+    """
+
+    rows: tuple[AuditRow, ...]
+    threshold: float
+    recommendation: str
+    reason: str
+
+    def __getitem__(self, name: str) -> AuditRow:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(f"no audit class {name!r}; the classes are {AUDIT_CLASSES}")
+
+    @property
+    def total(self) -> AuditRow:
+        return AuditRow(
+            "total",
+            *(sum(getattr(r, f) for r in self.rows) for f in ("tokens", "exact", "relaxed", "mapped")),
+        )
+
+    def __str__(self) -> str:
+        header = ("class", "tokens", "exact", f"relaxed@{self.threshold:g}", "mapped")
+        lines = [f"{header[0]:<18}" + "".join(f"{h:>14}" for h in header[1:])]
+        for row in (*self.rows, self.total):
+            if row.name == "total":
+                lines.append("-" * len(lines[0]))
+            lines.append(
+                f"{row.name:<18}"
+                + "".join(f"{n:>14,}" for n in (row.tokens, row.exact, row.relaxed, row.mapped))
+            )
+        lines.append(f"recommendation: {self.recommendation} ({self.reason})")
+        return "\n".join(lines)
+
+
+def _recommend(rows: tuple[AuditRow, ...]) -> tuple[str, str]:
+    """P-KL when most 2- and 3-digit numerals have no exact pair (SPEC.md §5), H-KL otherwise."""
+    numerals = [row for row in rows if row.name in ("numeral, 2 digits", "numeral, 3 digits")]
+    total = sum(row.tokens for row in numerals)
+    if total == 0:
+        return (
+            "hkl",
+            "the student vocabulary has no 2- or 3-digit numeral tokens, so the exact pairs lose no numerals",
+        )
+    outside = total - sum(row.exact for row in numerals)
+    share = f"{outside:,} of {total:,} 2- and 3-digit numerals ({outside / total:.0%})"
+    if outside > total / 2:
+        return "pkl", (
+            f"{share} have no exact teacher match; H-KL's common-pair term would miss them, P-KL "
+            "sends their mass to the teacher's digit pieces through W"
+        )
+    return "hkl", f"only {share} lack an exact teacher match, so H-KL's common pairs cover the numerals"
