@@ -39,7 +39,7 @@ struct Pooled {
   int64_t V;
   A inv_tau;
   A L;                       // its logsumexp (first, bayes)
-  const A* __restrict__ lse;  // the rows' logsumexps (mean)
+  const A* lse;              // the rows' logsumexps (mean); written earlier in the same kernel, so no __restrict__ (no read-only cache)
   int32_t m;                 // rows averaged (mean), 0 otherwise
 
   __device__ __forceinline__ A prob(int64_t v) const {
@@ -58,7 +58,7 @@ struct Side {
   A inv_tau;
   Merge merge;
   const int64_t* __restrict__ targets;
-  A* lse;
+  A* lse;  // written by the forward kernel itself
 
   __device__ const T* row(int64_t r) const { return z + r * V; }
   __device__ int32_t lse_end(const int32_t r0, const int32_t r1) const { return merge == Merge::First ? r0 + 1 : r1; }
