@@ -39,7 +39,7 @@ struct Pooled {
   int64_t V;
   A inv_tau;
   A L;                       // its logsumexp (first, bayes)
-  const A* lse;              // the rows' logsumexps (mean); written earlier in the same kernel, so no __restrict__ (no read-only cache)
+  const A* lse;              // the rows' logsumexps (mean); written by this kernel: not __restrict__
   int32_t m;                 // rows averaged (mean), 0 otherwise
 
   __device__ __forceinline__ A prob(int64_t v) const {
@@ -151,9 +151,10 @@ __global__ void __launch_bounds__(kThreads) pkl_fwd_kernel(PklParams p, Side<T, 
   if (threadIdx.x == 0) losses[k] = acc;
 }
 
-// h[s] = sum_j W[s, j] g[idx_j]
+// h[s] = sum_j W[s, j] g[idx_j]. g is written by the same kernel: no __restrict__, so the loads do not
+// go through the read-only cache, which is not coherent with those writes.
 template <typename A>
-__device__ __forceinline__ A gather_row(const ProjectionView& W, const A* __restrict__ g, int64_t s, int64_t V_t) {
+__device__ __forceinline__ A gather_row(const ProjectionView& W, const A* g, int64_t s, int64_t V_t) {
   A h = 0;
   const int32_t* idx = W.idx + s * W.P;
   const float* val = W.val + s * W.P;
@@ -173,7 +174,7 @@ __device__ void zero_rows(T* base, int64_t V, int64_t r0, int64_t r1) {
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) pkl_bwd_kernel(PklParams p, Side<T, A> student, Side<T, A> teacher,
-                                                          A* __restrict__ workspace) {
+                                                          A* workspace) {
   __shared__ A scratch[64];
   __shared__ A shared_log_c[2];
   A* g = workspace + static_cast<int64_t>(blockIdx.x) * p.V_t;
@@ -216,8 +217,8 @@ __global__ void __launch_bounds__(kThreads) pkl_bwd_kernel(PklParams p, Side<T, 
       const T* z = student.row(c.s0);
       T* out = dz + c.s0 * Vs;
       for (int64_t s = threadIdx.x; s < Vs; s += blockDim.x) {
-        const A ps = dexp(static_cast<A>(z[s]) * inv_tau - L);
-        out[s] = static_cast<T>(inv_tau * ps * (gather_row(p.W, g, s, p.V_t) - D));
+        const A p_s = dexp(static_cast<A>(z[s]) * inv_tau - L);
+        out[s] = static_cast<T>(inv_tau * p_s * (gather_row(p.W, g, s, p.V_t) - D));
       }
       zero_rows(dz, Vs, c.s0 + 1, c.s1);
     } else if (p.merge == Merge::Mean) {
@@ -232,8 +233,8 @@ __global__ void __launch_bounds__(kThreads) pkl_bwd_kernel(PklParams p, Side<T, 
         d_row = block_sum(d_row, scratch);
         T* out = dz + r * Vs;
         for (int64_t s = threadIdx.x; s < Vs; s += blockDim.x) {
-          const A ps = dexp(static_cast<A>(z[s]) * inv_tau - L);
-          out[s] = static_cast<T>(scale * ps * (gather_row(p.W, g, s, p.V_t) - d_row));
+          const A p_s = dexp(static_cast<A>(z[s]) * inv_tau - L);
+          out[s] = static_cast<T>(scale * p_s * (gather_row(p.W, g, s, p.V_t) - d_row));
         }
       }
     } else {  // Bayes: D is u = <p_last, h>
@@ -242,8 +243,8 @@ __global__ void __launch_bounds__(kThreads) pkl_bwd_kernel(PklParams p, Side<T, 
       const T* z = student.row(last);
       T* out = dz + last * Vs;
       for (int64_t s = threadIdx.x; s < Vs; s += blockDim.x) {
-        const A ps = dexp(static_cast<A>(z[s]) * inv_tau - L);
-        out[s] = static_cast<T>(inv_tau * c_s * ps * (gather_row(p.W, g, s, p.V_t) - D));
+        const A p_s = dexp(static_cast<A>(z[s]) * inv_tau - L);
+        out[s] = static_cast<T>(inv_tau * c_s * p_s * (gather_row(p.W, g, s, p.V_t) - D));
       }
       const A coef = inv_tau * c_s * D;
       for (int32_t r = c.s0; r < last; ++r) {
