@@ -134,7 +134,6 @@ class HFSpanTokenizer(SpanTokenizer):
         config = json.loads(backend.to_str())
         config["truncation"] = config["padding"] = None
         self._tokenizer = Tokenizer.from_str(json.dumps(_untrimmed(config)))
-        self._max_length: int | None = None
         if pad_token_id is None:
             pad_token_id = getattr(tokenizer, "pad_token_id", None)
         if pad_token_id is None and backend.padding is not None:
@@ -168,12 +167,6 @@ class HFSpanTokenizer(SpanTokenizer):
         return self._tokenizer.id_to_token(token_id) or f"<{token_id}>"
 
     def encode_spans(self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None) -> TokenSpans:
-        if max_length != self._max_length:
-            if max_length is None:
-                self._tokenizer.no_truncation()
-            else:
-                self._tokenizer.enable_truncation(max_length)
-            self._max_length = max_length
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
         total = int(lengths.sum())
@@ -183,8 +176,17 @@ class HFSpanTokenizer(SpanTokenizer):
         ).reshape(total, 2)
         sequence = np.repeat(np.arange(len(texts)), lengths)
         byte_offsets = _char_to_byte_offsets(texts, offsets, sequence)
-        spans = _refine_spans(byte_offsets, sequence, self._surface_length[ids], self._leading_space[ids])
-        return TokenSpans(ids=ids, spans=spans, lengths=lengths)
+        spans = _share_bytes(byte_offsets, sequence, self._surface_length[ids], self._leading_space[ids])
+        if max_length is not None:
+            # Truncated after the spans are found, so a kept piece of a character split by the cut
+            # still gets its own bytes only.
+            inserted = np.fromiter(
+                (m for e in encodings for m in e.special_tokens_mask), dtype=bool, count=total
+            )
+            keep = _truncation(inserted, sequence, lengths, max_length)
+            ids, spans, sequence = ids[keep], spans[keep], sequence[keep]
+            lengths = np.bincount(sequence, minlength=len(texts)).astype(np.int64)
+        return TokenSpans(ids=ids, spans=_place_empty(spans, sequence), lengths=lengths)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -218,49 +220,69 @@ def _char_to_byte_offsets(texts: Sequence[str], offsets: np.ndarray, sequence: n
     return byte_at[base + offsets] - byte_at[base]
 
 
-def _refine_spans(
+def _share_bytes(
     byte_offsets: np.ndarray, sequence: np.ndarray, surface_length: np.ndarray, leading_space: np.ndarray
 ) -> np.ndarray:
-    """Monotone, non-overlapping byte spans from the tokenizer's (possibly shared) byte offsets.
+    """Byte spans that no two tokens share, from the tokenizer's (possibly shared) byte offsets.
 
     A *group* is a run of non-empty tokens each of which overlaps the next. The group's bytes
     ``[A, Z)`` (first start, last end) are given out in order by surface length, the last token taking
     the rest; one byte too many with a leading space is a dummy prefix, taken off the first token.
-    Tokens in no group keep their offsets. Empty tokens get ``(c, c)`` at the end c of the token before.
+    Tokens in no group keep their offsets.
     """
     start, end = byte_offsets[:, 0].copy(), byte_offsets[:, 1].copy()
     nonempty = np.flatnonzero(end > start)
-    if nonempty.size > 1:
-        a, z = start[nonempty], end[nonempty]
-        overlaps = (sequence[nonempty[1:]] == sequence[nonempty[:-1]]) & (a[1:] < z[:-1])
-        if overlaps.any():
-            in_group = np.zeros(nonempty.size, dtype=bool)
-            in_group[:-1] |= overlaps
-            in_group[1:] |= overlaps
-            first = in_group & ~np.concatenate(([False], overlaps))  # a group's first token
-            last = in_group & ~np.concatenate((overlaps, [False]))
-            members = nonempty[in_group]
-            group = np.cumsum(first[in_group]) - 1
-            group_first, group_last = nonempty[first], nonempty[last]
-            lo, hi = start[group_first], end[group_last]
-            length = surface_length[members].copy()
-            total = np.bincount(group, weights=length, minlength=lo.size).astype(np.int64)
-            dummy = (total == hi - lo + 1) & leading_space[group_first]
-            length[np.flatnonzero(first[in_group])[dummy]] -= 1
-            before = np.cumsum(length) - length  # within the group, after subtracting the group's base
-            before -= before[np.flatnonzero(first[in_group])][group]
-            start[members] = np.minimum(lo[group] + before, hi[group])
-            end[members] = np.minimum(lo[group] + before + length, hi[group])
-            end[group_last] = hi
-    # Never decrease (a safety net for overlapping offsets outside groups); empty tokens sit at the cursor.
+    if nonempty.size < 2:
+        return np.stack([start, end], axis=1)
+    a, z = start[nonempty], end[nonempty]
+    overlaps = (sequence[nonempty[1:]] == sequence[nonempty[:-1]]) & (a[1:] < z[:-1])
+    if not overlaps.any():
+        return np.stack([start, end], axis=1)
+    in_group = np.zeros(nonempty.size, dtype=bool)
+    in_group[:-1] |= overlaps
+    in_group[1:] |= overlaps
+    first = in_group & ~np.concatenate(([False], overlaps))
+    last = in_group & ~np.concatenate((overlaps, [False]))
+    members = nonempty[in_group]
+    first_member = np.flatnonzero(first[in_group])  # index in `members` of each group's first token
+    group = np.cumsum(first[in_group]) - 1
+    lo, hi = start[nonempty[first]], end[nonempty[last]]
+    length = surface_length[members].copy()
+    total = np.bincount(group, weights=length, minlength=lo.size).astype(np.int64)
+    dummy = (total == hi - lo + 1) & leading_space[nonempty[first]]
+    length[first_member[dummy]] -= 1
+    before = np.cumsum(length) - length
+    before -= before[first_member][group]
+    start[members] = np.minimum(lo[group] + before, hi[group])
+    end[members] = np.minimum(lo[group] + before + length, hi[group])
+    end[nonempty[last]] = hi
+    return np.stack([start, end], axis=1)
+
+
+def _truncation(inserted: np.ndarray, sequence: np.ndarray, lengths: np.ndarray, max_length: int) -> np.ndarray:
+    """Which tokens Hugging Face truncation (right side) keeps: every token the tokenizer inserted and
+    the first ``max_length`` minus that many tokens of the text."""
+    added = np.bincount(sequence, weights=inserted, minlength=lengths.size).astype(np.int64)
+    if added.size and added.max() > max_length:
+        raise ValueError(f"max_length = {max_length} leaves no room for the {added.max()} special tokens added")
+    counted = np.zeros(sequence.size + 1, dtype=np.int64)  # text tokens before each flat index
+    np.cumsum(~inserted, out=counted[1:])
+    first = np.cumsum(lengths) - lengths
+    rank = counted[:-1] - counted[first][sequence]  # among the text tokens of the sequence
+    return inserted | (rank < (max_length - added)[sequence])
+
+
+def _place_empty(spans: np.ndarray, sequence: np.ndarray) -> np.ndarray:
+    """Monotone spans: every end at least the end before it in the sequence (a safety net for
+    overlapping offsets outside groups), and every empty span at the end of the token before it."""
+    start, end = spans[:, 0].copy(), spans[:, 1].copy()
     end[end <= start] = 0
     if end.size:
         shift = sequence * (int(end.max()) + 1)
         end = np.maximum.accumulate(end + shift) - shift
     previous = np.concatenate(([0], end[:-1]))
     previous[np.concatenate(([True], sequence[1:] != sequence[:-1]))] = 0
-    start = np.clip(start, previous, end)
-    return np.stack([start, end], axis=1)
+    return np.stack([np.clip(start, previous, end), end], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
