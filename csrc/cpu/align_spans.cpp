@@ -97,8 +97,15 @@ bool align_sequence(const Tokens& s, const Tokens& t, int32_t* out, int32_t& cou
   return true;
 }
 
+// Sequences per task: enough tokens that a batch of a few hundred thousand tokens (well under a
+// millisecond) runs on the calling thread instead of waking the thread pool.
+int64_t grain_size(const AlignParams& p) {
+  constexpr int64_t kTokensPerTask = int64_t(1) << 18;
+  return std::max<int64_t>(1, kTokensPerTask / std::max<int64_t>(1, p.side[0].T + p.side[1].T));
+}
+
 void align_spans_cpu_impl(const AlignParams& p) {
-  at::parallel_for(0, p.B, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B, grain_size(p), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       int32_t* out = p.chunks + b * p.C * 4;
       int32_t* dropped = p.dropped + b * 2 * kNumDropReasons;

@@ -18,6 +18,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from itertools import chain
 
 import numpy as np
 import torch
@@ -168,11 +169,11 @@ class HFSpanTokenizer(SpanTokenizer):
 
     def encode_spans(self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None) -> TokenSpans:
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
         total = int(lengths.sum())
-        ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64, count=total)
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=total)
         offsets = np.fromiter(
-            (c for e in encodings for span in e.offsets for c in span), dtype=np.int64, count=2 * total
+            chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), dtype=np.int64, count=2 * total
         ).reshape(total, 2)
         sequence = np.repeat(np.arange(len(texts)), lengths)
         byte_offsets = _char_to_byte_offsets(texts, offsets, sequence)
@@ -181,7 +182,7 @@ class HFSpanTokenizer(SpanTokenizer):
             # Truncated after the spans are found, so a kept piece of a character split by the cut
             # still gets its own bytes only.
             inserted = np.fromiter(
-                (m for e in encodings for m in e.special_tokens_mask), dtype=bool, count=total
+                chain.from_iterable(e.special_tokens_mask for e in encodings), dtype=bool, count=total
             )
             keep = _truncation(inserted, sequence, lengths, max_length)
             ids, spans, sequence = ids[keep], spans[keep], sequence[keep]
@@ -317,8 +318,13 @@ class SpanAlignment:
         invalid = torch.nonzero(counts < 0)
         if invalid.numel():
             raise ValueError(_explain_invalid(self.inputs, int(invalid[0, 0])))
-        keep = torch.arange(self.chunks.shape[1], device=self.chunks.device) < self.counts[:, None]
-        return self.chunks[keep]
+        if self.chunks.is_cuda:
+            keep = torch.arange(self.chunks.shape[1], device=self.chunks.device) < self.counts[:, None]
+            return self.chunks[keep]
+        # On the CPU, numpy: this small copy is not worth waking torch's thread pool (whose spinning
+        # threads would then compete with the tokenizers' own).
+        keep = np.arange(self.chunks.shape[1]) < counts.numpy()[:, None]
+        return torch.from_numpy(self.chunks.numpy()[keep])
 
 
 def _explain_invalid(inputs: tuple, b: int) -> str:
@@ -398,10 +404,11 @@ class AlignStats:
 
     @classmethod
     def compute(cls, chunks: torch.Tensor, dropped: torch.Tensor) -> AlignStats:
-        s = (chunks[:, 1] - chunks[:, 0]).long()
-        t = (chunks[:, 3] - chunks[:, 2]).long()
+        """From a ``[K, 4]`` chunk table and the ``[B, 2, 3]`` dropped counts of ``align_spans``."""
+        table = chunks.cpu().numpy().astype(np.int64)
+        s, t = table[:, 1] - table[:, 0], table[:, 3] - table[:, 2]
         masks = (s == 1) & (t == 1), (s == 1) & (t > 1), (s > 1) & (t == 1), (s > 1) & (t > 1)
-        per_reason = dropped.long().sum(0).tolist()
+        per_reason = dropped.cpu().numpy().astype(np.int64).sum(0).tolist()
         return cls(
             shapes={shape: int(m.sum()) for shape, m in zip(CHUNK_SHAPES, masks)},
             student_tokens=int(s.sum()) + sum(per_reason[0]),
@@ -459,6 +466,7 @@ class _Padded:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     spans: torch.Tensor
+    ends: torch.Tensor
     targets: torch.Tensor
     lengths: torch.Tensor
 
@@ -486,6 +494,7 @@ def _pad(encoded: TokenSpans, pad_token_id: int, left: bool) -> _Padded:
         input_ids=torch.from_numpy(input_ids).view(batch, width),
         attention_mask=torch.from_numpy(mask).view(batch, width),
         spans=torch.from_numpy(spans).view(batch, width, 2),
+        ends=torch.from_numpy(np.ascontiguousarray(spans[:, 1])).view(batch, width),
         targets=torch.from_numpy(targets),
         lengths=torch.from_numpy(lengths.astype(np.int32)),
     )
@@ -526,7 +535,7 @@ def align_texts(
         padded.append(_pad(encoded, tokenizer.pad_token_id, left))
     student, teacher = padded
     alignment = align_spans(
-        student.spans[..., 1].contiguous(), student.lengths, teacher.spans[..., 1].contiguous(), teacher.lengths,
+        student.ends, student.lengths, teacher.ends, teacher.lengths,
         student_padding_side=padding_side, teacher_padding_side=padding_side,
     )  # fmt: skip
     chunks = alignment.table()
