@@ -47,6 +47,14 @@ TORCH_LIBRARY(xtoken, m) {
       "Tensor proj_idx, Tensor proj_val, Tensor proj_col_ptr, Tensor proj_col_src, Tensor proj_col_val, "
       "float temperature, str merge, Tensor? student_targets, Tensor? teacher_targets, Tensor student_lse, "
       "Tensor teacher_lse) -> Tensor");
+
+  // Exact span alignment (SPEC.md §2): token end offsets and lengths of both sides -> the chunk table
+  // [B, min(T_s, T_t), 4] (the first counts[b] rows of sequence b are its chunks, the rest -1), the
+  // chunk counts [B] (-1 for a sequence with invalid input) and the dropped tokens [B, 2, 3] per side
+  // and reason. See include/xtoken/align_spans.h.
+  m.def(
+      "align_spans(Tensor student_ends, Tensor student_lengths, bool student_left_padded, Tensor teacher_ends, "
+      "Tensor teacher_lengths, bool teacher_left_padded) -> (Tensor chunks, Tensor counts, Tensor dropped)");
 }
 
 }  // namespace xtoken

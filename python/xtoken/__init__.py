@@ -5,9 +5,13 @@ between two vocabularies, and exact span alignment. See README.md and SPEC.md.
 """
 
 from . import nn, ops, reference
+from .align import AlignedBatch, AlignedCollator, align_spans, align_texts
 from .losses import pkl_loss, project
 from .projection import Projection
 
 __version__ = "0.1.0"
 
-__all__ = ["Projection", "pkl_loss", "project", "nn", "ops", "reference", "__version__"]
+__all__ = [
+    "Projection", "pkl_loss", "project", "nn", "ops", "reference", "__version__",
+    "AlignedBatch", "AlignedCollator", "align_spans", "align_texts",
+]

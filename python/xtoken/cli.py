@@ -146,10 +146,54 @@ def _run_projection_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_align(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("align", help="show the chunks of two tokenizations of a text, side by side")
+    p.add_argument("text", nargs="+", help="the text(s) to align")
+    p.add_argument("--student", required=True, help="llama3.2, qwen, qwen3.6, a tokenizer.json or a folder holding one")
+    p.add_argument("--teacher", required=True, help="as --student")
+    p.add_argument("--max-length", type=int, default=None, help="keep at most this many tokens per side")
+    p.add_argument("--no-special-tokens", action="store_true", help="do not add BOS/EOS")
+    p.set_defaults(func=_run_align)
+
+
+def _run_align(args: argparse.Namespace) -> int:
+    from .align import align_texts, as_span_tokenizer
+
+    student = as_span_tokenizer(args.student)
+    teacher = as_span_tokenizer(args.teacher)
+    batch = align_texts(args.text, student, teacher, max_length=args.max_length,
+                        add_special_tokens=not args.no_special_tokens)
+
+    def pieces(data: bytes, spans, row0: int, row1: int) -> str:
+        # Predictor rows [row0, row1) of the flattened batch hold the targets at rows + 1.
+        flat = spans.reshape(-1, 2)
+        return " ".join(
+            repr(data[a:z].decode("utf-8", errors="backslashreplace"))
+            for a, z in flat[row0 + 1 : row1 + 1].tolist()
+        )
+
+    first = 0
+    for b, text in enumerate(args.text):
+        data = text.encode()
+        count = int(batch.chunk_counts[b])
+        rows = []
+        for k, (s0, s1, t0, t1) in enumerate(batch.chunks[first : first + count].tolist()):
+            rows.append((k, f"{s1 - s0}:{t1 - t0}", pieces(data, batch.student_spans, s0, s1),
+                         pieces(data, batch.teacher_spans, t0, t1)))
+        first += count
+        width = max([len(r[2]) for r in rows] + [len("student")])
+        print(f"text {b} ({len(data)} bytes)")
+        print(f"{'chunk':>5}  {'shape':<5}  {'student':<{width}} | teacher")
+        for k, shape, left, right in rows:
+            print(f"{k:>5}  {shape:<5}  {left:<{width}} | {right}")
+    print(batch.stats)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xtoken", description="cross-tokenizer knowledge distillation")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_bench, _add_projection):
+    for add in (_add_bench, _add_projection, _add_align):
         add(sub)
     return parser
 

@@ -13,7 +13,7 @@ from . import _C  # noqa: F401  (loads the library; its static initializers regi
 
 __all__ = ["built_with_cuda", "cuda_kernels_registered", "OP_NAMES"]
 
-OP_NAMES = ("project_fwd", "project_bwd", "pkl_loss_fwd", "pkl_loss_bwd")
+OP_NAMES = ("project_fwd", "project_bwd", "pkl_loss_fwd", "pkl_loss_bwd", "align_spans")
 
 
 def built_with_cuda() -> bool:
@@ -121,3 +121,19 @@ def _pkl_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
 
 
 torch.library.register_autograd("xtoken::pkl_loss_fwd", _pkl_backward, setup_context=_pkl_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# align_spans: chunk tables from token end offsets (integer outputs, no autograd)
+
+
+@torch.library.register_fake("xtoken::align_spans")
+def _align_spans_fake(student_ends, student_lengths, student_left_padded, teacher_ends, teacher_lengths,
+                      teacher_left_padded):
+    batch = student_ends.shape[0]
+    capacity = torch.sym_min(student_ends.shape[1], teacher_ends.shape[1])
+    return (
+        student_ends.new_empty((batch, capacity, 4)),
+        student_ends.new_empty((batch,)),
+        student_ends.new_empty((batch, 2, 3)),
+    )

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MERGES", "REDUCTIONS", "PKL_EPS", "pool", "project", "pkl_chunk_losses", "pkl_loss", "reduce"]
+__all__ = [
+    "MERGES", "REDUCTIONS", "PKL_EPS", "DROP_REASONS", "pool", "project", "pkl_chunk_losses", "pkl_loss", "reduce",
+    "align_spans",
+]
 
 MERGES = ("first", "mean", "bayes")
 REDUCTIONS = ("mean", "sum", "none")
 PKL_EPS = 1e-10
+DROP_REASONS = ("no_predictor", "empty_inside", "truncated")
 
 
 def pool(probs: torch.Tensor, merge: str, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,3 +115,76 @@ def pkl_loss(
         student_targets=student_targets, teacher_targets=teacher_targets, dtype=dtype,
     )  # fmt: skip
     return reduce(losses, temperature, reduction)
+
+
+def _real_tokens(ends: torch.Tensor, length: int, left_padded: bool) -> list[tuple[int, int]] | None:
+    """(position, end) of the non-empty real tokens of one sequence, or None when its input is invalid."""
+    total = ends.shape[0]
+    if not 0 <= length <= total:
+        return None
+    real = ends[total - length :] if left_padded else ends[:length]
+    tokens, previous = [], 0
+    for position, end in enumerate(real.tolist()):
+        if end < previous:
+            return None
+        if end > previous:
+            tokens.append((position, end))
+        previous = end
+    return tokens
+
+
+def align_spans(
+    student_ends: torch.Tensor,
+    student_lengths: torch.Tensor,
+    student_left_padded: bool,
+    teacher_ends: torch.Tensor,
+    teacher_lengths: torch.Tensor,
+    teacher_left_padded: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunks from token end offsets (SPEC §2), with the outputs of ``xtoken::align_spans``.
+
+    ``*_ends [B, T]``: where each token's byte span ends; over a sequence's real tokens the ends never
+    decrease, and a token is empty when its end equals the previous one (0 before the first).
+    ``*_lengths [B]``: real tokens per sequence, the rest being padding on the right (or the left).
+
+    Returns ``chunks [B, min(T_s, T_t), 4]`` (the first ``counts[b]`` rows of sequence b are its chunks
+    ``(s0, s1, t0, t1)`` over flattened predictor rows ``b * T + j``, the rest -1), ``counts [B]`` (-1 for
+    a sequence whose lengths or ends are invalid) and ``dropped [B, 2, 3]``: the non-empty tokens of each
+    side (student, teacher) in no kept chunk, by reason (``DROP_REASONS``).
+    """
+    batch = student_ends.shape[0]
+    sides = [
+        (student_ends.cpu(), student_lengths.cpu(), student_left_padded),
+        (teacher_ends.cpu(), teacher_lengths.cpu(), teacher_left_padded),
+    ]
+    capacity = min(student_ends.shape[1], teacher_ends.shape[1])
+    chunks = torch.full((batch, capacity, 4), -1, dtype=torch.int32)
+    counts = torch.full((batch,), -1, dtype=torch.int32)
+    dropped = torch.zeros((batch, 2, len(DROP_REASONS)), dtype=torch.int32)
+    for b in range(batch):
+        tokens = [_real_tokens(ends[b], int(lengths[b]), left) for ends, lengths, left in sides]
+        if tokens[0] is None or tokens[1] is None:
+            continue
+        # First flattened row of the sequence's real tokens, per side.
+        row0 = [b * ends.shape[1] + (ends.shape[1] - int(lengths[b]) if left else 0) for ends, lengths, left in sides]
+        common = sorted({end for _, end in tokens[0]} & {end for _, end in tokens[1]})
+        kept = []
+        for low, high in zip([0] + common[:-1], common):
+            targets = [[position for position, end in side if low < end <= high] for side in tokens]
+            if targets[0][0] == 0 or targets[1][0] == 0:
+                reason = "no_predictor"
+            elif any(t != list(range(t[0], t[-1] + 1)) for t in targets):
+                reason = "empty_inside"
+            else:
+                # Targets [first, last] have predictor rows [first - 1, last).
+                kept.append([row for s in (0, 1) for row in (row0[s] + targets[s][0] - 1, row0[s] + targets[s][-1])])
+                continue
+            for s in (0, 1):
+                dropped[b, s, DROP_REASONS.index(reason)] += len(targets[s])
+        last = common[-1] if common else 0
+        for s in (0, 1):
+            dropped[b, s, DROP_REASONS.index("truncated")] = sum(end > last for _, end in tokens[s])
+        counts[b] = len(kept)
+        if kept:
+            chunks[b, : len(kept)] = torch.tensor(kept, dtype=torch.int32)
+    return chunks, counts, dropped

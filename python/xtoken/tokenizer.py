@@ -106,6 +106,11 @@ class TokenizerAdapter(abc.ABC):
     def encode_fragments(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids for each text as a piece of running text: no special tokens, no dummy-prefix space."""
 
+    @abc.abstractmethod
+    def hf_tokenizer(self):
+        """The tokenizer as a ``tokenizers.Tokenizer`` giving the same ids, whose character offsets
+        alignment turns into byte spans (see :func:`xtoken.align.as_span_tokenizer`)."""
+
     def get_vocab(self) -> dict[str, int]:
         """Vocabulary string -> id, like Hugging Face's ``get_vocab()`` (with added and special tokens)."""
         return dict(self._vocab)
@@ -301,6 +306,9 @@ class HFTokenizer(TokenizerAdapter):
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def hf_tokenizer(self):
+        return self._tokenizer
+
     def encode_fragments(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._fragment_tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
@@ -337,6 +345,8 @@ class TiktokenTokenizer(TokenizerAdapter):
                 f"normalization: expected None, 'NFC', 'NFD', 'NFKC' or 'NFKD', got {normalization!r}"
             )
         self._encoding = encoding
+        self._pattern = encoding._pat_str  # tiktoken keeps the split regex only in this attribute
+        self._hf = None
         self.name = name or encoding.name
         self._normalization = normalization
         self._specials = {encoding.encode_single_token(s): s for s in encoding.special_tokens_set}
@@ -421,6 +431,48 @@ class TiktokenTokenizer(TokenizerAdapter):
     def encode_fragments(self, texts: Sequence[str]) -> list[list[int]]:
         # Fragments are short: a plain loop beats encode_batch's one thread-pool task per text.
         return [self._encoding.encode(self._normalize(t), allowed_special="all") for t in texts]
+
+    def hf_tokenizer(self):
+        """The same BPE as a Hugging Face byte-level tokenizer (its offsets give alignment byte spans),
+        built once.
+
+        tiktoken merges the adjacent pair whose concatenation has the lowest rank. A BPE merge list gives
+        the same result when it holds, for every token, each split into two tokens of lower rank, ordered
+        by the rank of the token they form.
+        """
+        if self._hf is not None:
+            return self._hf
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+        ranks = {b: i for i, b in enumerate(self._token_bytes) if b is not None}
+
+        def piece(token: bytes) -> str:
+            return "".join(_BYTE_TO_CHAR[b] for b in token)
+
+        merges = []
+        for token, rank in ranks.items():
+            for cut in range(1, len(token)):
+                left, right = ranks.get(token[:cut]), ranks.get(token[cut:])
+                if left is not None and right is not None and left < rank and right < rank:
+                    merges.append((rank, left, right, token[:cut], token[cut:]))
+        merges.sort()
+        vocab = {piece(token): rank for token, rank in ranks.items()}
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[(piece(m[3]), piece(m[4])) for m in merges]))
+        if self._normalization:
+            tokenizer.normalizer = getattr(normalizers, self._normalization)()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(self._pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])  # fmt: skip
+        tokenizer.decoder = decoders.ByteLevel()
+        specials = sorted(self._specials.items())
+        tokenizer.add_special_tokens([AddedToken(text, special=True, normalized=False) for _, text in specials])
+        for token_id, text in specials:
+            if tokenizer.token_to_id(text) != token_id:
+                raise ValueError(f"{self.name}: special token {text!r} has id {token_id}, which the converted "
+                                 "tokenizer cannot reproduce (its special ids must follow the ranks)")
+        self._hf = tokenizer
+        return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------- loading
