@@ -250,8 +250,9 @@ def run_pkl_benchmark(*, quick: bool = False, device: str | None = None, csv_pat
                 print(f"{n:>6} {m.dtype:>9} {name:>10} {m.median_ms:>10.2f} {m.p20_ms:>7.2f}-{m.p80_ms:<7.2f} "
                       f"{m.peak_extra_mb:>9.1f} {m.peak_extra_mb / grad_mb:>7.2f} {speed:>7.1f}x")
             print(f"{'':>6} loss agreement xtoken vs nemo-style: {agree:.1e} relative")
+            if csv_path:
+                append_csv(csv_path, list(results.values()))
     print("speedup = that implementation's time / xtoken's time; x grad = peak extra memory / gradient size")
     if csv_path:
-        append_csv(csv_path, rows)
         print(f"appended {len(rows)} rows to {csv_path}")
     return rows
