@@ -23,7 +23,7 @@ XT_HD A clamp_below(A x, A floor) {
 //   Mixture:   m = (1 - beta) p~_s + beta p~_t: beta p~_t (log p~_t - log m) + (1 - beta) p~_s (log p~_s - log m)
 enum class MatchedForm : int32_t { Kl, ForwardKl, ReverseKl, Mixture };
 
-inline MatchedForm matched_form(Matched matched, double beta) {
+XT_HD MatchedForm matched_form(Matched matched, double beta) {
   if (matched == Matched::Kl) return MatchedForm::Kl;
   return beta == 0.0 ? MatchedForm::ForwardKl : (beta == 1.0 ? MatchedForm::ReverseKl : MatchedForm::Mixture);
 }
