@@ -105,9 +105,9 @@ inline int64_t radix_select(const RankKey<float>* keys, RankKey<float>* out, int
   constexpr int kShift = 53;
   std::vector<int64_t> count(2048, 0);
   for (int64_t i = 0; i < n; ++i) ++count[keys[i].bits >> kShift];
-  uint64_t last = 0;
-  for (int64_t seen = 0; seen + count[last] < top; seen += count[last++]) {
-  }
+  uint64_t last = 0;  // the digit of rank `top` (top < n, so it exists)
+  int64_t seen = 0;
+  while (seen + count[last] < top) seen += count[last++];
   int64_t m = 0;
   for (int64_t i = 0; i < n; ++i) {
     out[m] = keys[i];
@@ -188,12 +188,15 @@ struct HybridCpu {
     });
   }
 
-  void matched_grads(A* h, const A* ps, const A* pt, A G_c) const {
+  // h[s_n] = G_c dD/dp_s of every pair; `tmp` holds C values (computed in a vectorizable pass, then scattered).
+  void matched_grads(A* h, A* tmp, const A* ps, const A* pt, A G_c) const {
     const int32_t *s = p.pair_s, *t = p.pair_t;
     with_matched_form(form, [&](auto f) {
-      for (int64_t n = 0; n < p.C; ++n) h[s[n]] = G_c * matched_grad<decltype(f)::value>(pt[t[n]], ps[s[n]], beta, CpuLog());
+#pragma omp simd
+      for (int64_t n = 0; n < p.C; ++n) tmp[n] = G_c * matched_grad<decltype(f)::value>(pt[t[n]], ps[s[n]], beta, CpuLog());
       return 0;
     });
+    for (int64_t n = 0; n < p.C; ++n) h[s[n]] = tmp[n];
   }
 
   void forward_chunk(int64_t k, Work& w) const {
@@ -217,7 +220,7 @@ struct HybridCpu {
     teacher.pool_probs(w.pt.data(), c.t0, c.t1, teacher.log_prefix(c.t0, c.t1));
     A* h = w.h.data();
     std::fill(w.h.begin(), w.h.end(), A(0));
-    matched_grads(h, w.ps.data(), w.pt.data(), G_c);
+    matched_grads(h, w.pr.data(), w.ps.data(), w.pt.data(), G_c);  // pr: scratch until the pooling backward
     if (G_u != A(0)) {
       const Ranked r = rank(w);
       for (int64_t i = 0; i < r.na; ++i) {

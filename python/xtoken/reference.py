@@ -193,11 +193,12 @@ def hybrid_chunk_losses(
     """The two terms of the hybrid loss per chunk (SPEC §4), unweighted and without tau^2: ``[K, 2]`` with
     column 0 = ``sum_n D(p_t[t_n], p_s[s_n])`` over the common pairs and column 1 = the sorted L1 over the
     uncommon sets. With no pairs, column 1 is ULD."""
-    pairs = pairs.reshape(-1, 2).long().cpu()
+    device = student_logits.device
+    pairs = pairs.reshape(-1, 2).long().to(device)
     V_s, V_t = student_logits.shape[-1], teacher_logits.shape[-1]
-    uncommon_s = torch.ones(V_s, dtype=torch.bool)
+    uncommon_s = torch.ones(V_s, dtype=torch.bool, device=device)
     uncommon_s[pairs[:, 0]] = False
-    uncommon_t = torch.ones(V_t, dtype=torch.bool)
+    uncommon_t = torch.ones(V_t, dtype=torch.bool, device=device)
     uncommon_t[pairs[:, 1]] = False
     rows = []
     for p_s, p_t in _pooled_rows(student_logits, teacher_logits, chunks, temperature, merge, student_targets,
