@@ -38,47 +38,77 @@ struct CpuLog {
   }
 };
 
-// The rank order of the sorted-L1 term: value descending, then token id ascending. Values are probabilities
-// (>= +0), whose bit patterns order like the values, so complemented bits sort descending.
-//   float:  one uint64, ~bits(value) << 32 | id, ordered as an integer; sorted by radix passes.
-//   double: (~bits(value), id) pairs, compared (the float64 path only serves gradcheck).
+// Rank keys order the uncommon tokens of one side for the sorted-L1 term: value descending, then token id
+// ascending. Values are probabilities (>= +0), whose bit patterns order like the values, so complemented bits
+// sort descending. Two kinds, so that only the student side of the backward carries ids:
+//   ValueKey: the value alone (the loss needs only the sorted values; so does the teacher side of the backward)
+//   TokenKey: the value and the token id (the backward sends each student rank's sign to its token)
+// float keys are integers, sorted by radix passes (kShift: the three digits of the value bits, least
+// significant first); double keys (the float64 path, for gradcheck) are compared.
 template <typename A>
-struct RankKey;
+struct ValueKey;
+template <typename A>
+struct TokenKey;
 
 template <>
-struct RankKey<float> {
-  uint64_t bits;
-  RankKey() = default;
-  RankKey(float value, int32_t id)
+struct ValueKey<float> {
+  static constexpr bool kRadix = true;
+  static constexpr int kShift[3] = {0, 11, 22};
+  uint32_t bits;
+  ValueKey() = default;
+  ValueKey(float value, int32_t) : bits(~static_cast<uint32_t>(cpu_math::float_to_bits(value))) {}
+  uint64_t integer() const { return bits; }
+  float value() const { return cpu_math::bits_to_float(static_cast<int32_t>(~bits)); }
+  bool operator<(const ValueKey& o) const { return bits < o.bits; }
+};
+
+template <>
+struct TokenKey<float> {
+  static constexpr bool kRadix = true;
+  static constexpr int kShift[3] = {32, 43, 54};
+  uint64_t bits;  // ~bits(value) << 32 | id
+  TokenKey() = default;
+  TokenKey(float value, int32_t id)
       : bits((static_cast<uint64_t>(~static_cast<uint32_t>(cpu_math::float_to_bits(value))) << 32) |
              static_cast<uint32_t>(id)) {}
+  uint64_t integer() const { return bits; }
   float value() const { return cpu_math::bits_to_float(static_cast<int32_t>(~static_cast<uint32_t>(bits >> 32))); }
   int32_t id() const { return static_cast<int32_t>(static_cast<uint32_t>(bits)); }
-  bool operator<(const RankKey& o) const { return bits < o.bits; }
+  bool operator<(const TokenKey& o) const { return bits < o.bits; }
 };
 
 template <>
-struct RankKey<double> {
+struct ValueKey<double> {
+  static constexpr bool kRadix = false;
   uint64_t order;  // ~bits(value)
-  int32_t token;
-  RankKey() = default;
-  RankKey(double value, int32_t id) : order(~__builtin_bit_cast(uint64_t, value)), token(id) {}
+  ValueKey() = default;
+  ValueKey(double value, int32_t) : order(~__builtin_bit_cast(uint64_t, value)) {}
   double value() const { return __builtin_bit_cast(double, ~order); }
-  int32_t id() const { return token; }
-  bool operator<(const RankKey& o) const { return order != o.order ? order < o.order : token < o.token; }
+  bool operator<(const ValueKey& o) const { return order < o.order; }
 };
 
-// Radix passes over the upper 32 bits of float rank keys (the lower 32, the ids, break ties by their input
-// order, which the stable passes keep): digits of 11, 11 and 10 bits, least significant first.
-constexpr int kDigitShift[3] = {32, 43, 54};
-constexpr uint64_t kDigitMask[3] = {2047, 2047, 1023};
+template <>
+struct TokenKey<double> {
+  static constexpr bool kRadix = false;
+  uint64_t order;  // ~bits(value)
+  int32_t token;
+  TokenKey() = default;
+  TokenKey(double value, int32_t id) : order(~__builtin_bit_cast(uint64_t, value)), token(id) {}
+  double value() const { return __builtin_bit_cast(double, ~order); }
+  int32_t id() const { return token; }
+  bool operator<(const TokenKey& o) const { return order != o.order ? order < o.order : token < o.token; }
+};
 
-inline int64_t digit(const RankKey<float>& key, int pass) {
-  return static_cast<int64_t>((key.bits >> kDigitShift[pass]) & kDigitMask[pass]);
+// Digits of 11, 11 and 10 bits (the most significant one last).
+template <typename Key>
+int64_t digit(const Key& key, int pass) {
+  return static_cast<int64_t>((key.integer() >> Key::kShift[pass]) & (pass == 2 ? 1023 : 2047));
 }
 
-// Stable LSD radix sort of keys[0, n) whose ids ascend, ping-ponging with tmp; returns where the result is.
-inline RankKey<float>* radix_sort(RankKey<float>* keys, RankKey<float>* tmp, int64_t n) {
+// Stable LSD radix sort of keys[0, n) by their value bits, ping-ponging with tmp; returns where the result is.
+// Stability keeps the input order of equal values: ascending ids.
+template <typename Key>
+Key* radix_sort(Key* keys, Key* tmp, int64_t n) {
   std::vector<int64_t> count(3 * 2048, 0);
   for (int64_t i = 0; i < n; ++i) {
     for (int pass = 0; pass < 3; ++pass) ++count[pass * 2048 + digit(keys[i], pass)];
@@ -98,20 +128,20 @@ inline RankKey<float>* radix_sort(RankKey<float>* keys, RankKey<float>* tmp, int
   return keys;
 }
 
-// Radix selection of the first `top` keys in rank order: by the most significant 11 bits, the keys whose
-// digit is below that of rank `top` are in, those at its digit are candidates, the rest are out. Copies the
-// in and candidate keys to `out`, in their input order (ids still ascending), and returns their count.
-inline int64_t radix_select(const RankKey<float>* keys, RankKey<float>* out, int64_t n, int64_t top) {
-  constexpr int kShift = 53;
-  std::vector<int64_t> count(2048, 0);
-  for (int64_t i = 0; i < n; ++i) ++count[keys[i].bits >> kShift];
-  uint64_t last = 0;  // the digit of rank `top` (top < n, so it exists)
+// Radix selection of the first `top` keys in rank order: by the most significant digit, the keys whose digit
+// is below that of rank `top` are in, those at its digit are candidates, the rest are out. Copies the in and
+// candidate keys to `out`, in their input order (ids still ascending), and returns their count.
+template <typename Key>
+int64_t radix_select(const Key* keys, Key* out, int64_t n, int64_t top) {
+  std::vector<int64_t> count(1024, 0);
+  for (int64_t i = 0; i < n; ++i) ++count[digit(keys[i], 2)];
+  int64_t last = 0;  // the digit of rank `top` (top < n, so it exists)
   int64_t seen = 0;
   while (seen + count[last] < top) seen += count[last++];
   int64_t m = 0;
   for (int64_t i = 0; i < n; ++i) {
     out[m] = keys[i];
-    m += (keys[i].bits >> kShift) <= last;
+    m += digit(keys[i], 2) <= last;
   }
   return m;
 }
@@ -119,11 +149,10 @@ inline int64_t radix_select(const RankKey<float>* keys, RankKey<float>* out, int
 // The first top = min(R, n) uncommon tokens of one side in rank order, from candidate i = token ids[i] with
 // probability probs[ids[i]] (ids ascending). Selection, then a sort of the selected only. `keys` and `tmp`
 // hold n keys; returns where the ranked keys are.
-template <typename A>
-const RankKey<A>* rank_side(RankKey<A>* keys, RankKey<A>* tmp, const A* probs, const int32_t* ids, int64_t n,
-                            int64_t top) {
-  for (int64_t i = 0; i < n; ++i) keys[i] = RankKey<A>(probs[ids[i]], ids[i]);
-  if constexpr (std::is_same_v<A, float>) {
+template <typename Key, typename A>
+const Key* rank_side(Key* keys, Key* tmp, const A* probs, const int32_t* ids, int64_t n, int64_t top) {
+  for (int64_t i = 0; i < n; ++i) keys[i] = Key(probs[ids[i]], ids[i]);
+  if constexpr (Key::kRadix) {
     if (top == n) return radix_sort(keys, tmp, n);
     const int64_t m = radix_select(keys, tmp, n, top);
     return radix_sort(tmp, keys, m);
@@ -137,8 +166,8 @@ const RankKey<A>* rank_side(RankKey<A>* keys, RankKey<A>* tmp, const A* probs, c
 
 // sum_r |a_r - b_r| with a = a_keys[0, na), b = b_keys[0, nb), zero past their ends (na, nb <= R, so the
 // ranks past both ends add nothing).
-template <typename A>
-A sorted_l1(const RankKey<A>* a, int64_t na, const RankKey<A>* b, int64_t nb) {
+template <typename A, typename KeyA, typename KeyB>
+A sorted_l1(const KeyA* a, int64_t na, const KeyB* b, int64_t nb) {
   const int64_t both = std::min(na, nb);
   const A paired = blocked_sum<A>(both, [&](int64_t r) { return std::abs(a[r].value() - b[r].value()); });
   const A tail_a = blocked_sum<A>(na - both, [&](int64_t r) { return std::abs(a[both + r].value()); });
@@ -161,24 +190,23 @@ struct HybridCpu {
         beta(A(p.beta)),
         form(matched_form(p.matched, p.beta)) {}
 
-  // Thread-private buffers: pooled student probs, scratch, h; pooled teacher probs, scratch; rank keys.
+  // Thread-private buffers: pooled student probs, scratch, h; pooled teacher probs, scratch; rank keys (value
+  // keys for both sides in the forward, token keys for the student side in the backward).
   struct Work {
     std::vector<A> ps, pr, h, pt, tt;
-    std::vector<RankKey<A>> ks, ks_tmp, kt, kt_tmp;
-    explicit Work(const HybridParams& p)
-        : ps(p.V_s), pr(p.V_s), h(p.V_s), pt(p.V_t), tt(p.V_t), ks(p.n_s), ks_tmp(p.n_s), kt(p.n_t), kt_tmp(p.n_t) {}
+    std::vector<ValueKey<A>> vs, vs_tmp, vt, vt_tmp;
+    std::vector<TokenKey<A>> ts, ts_tmp;
+    Work(const HybridParams& p, bool backward)
+        : ps(p.V_s), pr(p.V_s), h(backward ? p.V_s : 0), pt(p.V_t), tt(p.V_t), vs(backward ? 0 : p.n_s),
+          vs_tmp(backward ? 0 : p.n_s), vt(p.n_t), vt_tmp(p.n_t), ts(backward ? p.n_s : 0),
+          ts_tmp(backward ? p.n_s : 0) {}
   };
 
-  struct Ranked {
-    const RankKey<A>* a;  // student, na keys
-    const RankKey<A>* b;  // teacher, nb keys
-    int64_t na, nb;
-  };
+  int64_t top_s() const { return std::min(p.R, p.n_s); }
+  int64_t top_t() const { return std::min(p.R, p.n_t); }
 
-  Ranked rank(Work& w) const {
-    const int64_t na = std::min(p.R, p.n_s), nb = std::min(p.R, p.n_t);
-    return {rank_side(w.ks.data(), w.ks_tmp.data(), w.ps.data(), p.uncommon_s, p.n_s, na),
-            rank_side(w.kt.data(), w.kt_tmp.data(), w.pt.data(), p.uncommon_t, p.n_t, nb), na, nb};
+  const ValueKey<A>* rank_teacher(Work& w) const {
+    return rank_side(w.vt.data(), w.vt_tmp.data(), w.pt.data(), p.uncommon_t, p.n_t, top_t());
   }
 
   A matched_sum(const A* ps, const A* pt) const {
@@ -206,8 +234,8 @@ struct HybridCpu {
     // Teacher rows may be shared by chunks; every writer of a teacher lse stores the same value.
     teacher.pool_softmax(w.pt.data(), w.tt.data(), c.t0, c.t1);
     losses[0] = matched_sum(w.ps.data(), w.pt.data());
-    const Ranked r = rank(w);
-    losses[1] = sorted_l1(r.a, r.na, r.b, r.nb);
+    const ValueKey<A>* a = rank_side(w.vs.data(), w.vs_tmp.data(), w.ps.data(), p.uncommon_s, p.n_s, top_s());
+    losses[1] = sorted_l1<A>(a, top_s(), rank_teacher(w), top_t());
   }
 
   void backward_chunk(int64_t k, Work& w) const {
@@ -222,20 +250,20 @@ struct HybridCpu {
     std::fill(w.h.begin(), w.h.end(), A(0));
     matched_grads(h, w.pr.data(), w.ps.data(), w.pt.data(), G_c);  // pr: scratch until the pooling backward
     if (G_u != A(0)) {
-      const Ranked r = rank(w);
-      for (int64_t i = 0; i < r.na; ++i) {
-        h[r.a[i].id()] = G_u * sign_of_difference(r.a[i].value(), i < r.nb ? r.b[i].value() : A(0));
-      }
+      const TokenKey<A>* a = rank_side(w.ts.data(), w.ts_tmp.data(), w.ps.data(), p.uncommon_s, p.n_s, top_s());
+      const ValueKey<A>* b = rank_teacher(w);
+      const int64_t na = top_s(), nb = top_t();
+      for (int64_t r = 0; r < na; ++r) h[a[r].id()] = G_u * sign_of_difference(a[r].value(), r < nb ? b[r].value() : A(0));
     }
     student.pool_backward(static_cast<T*>(p.grad_student), h, w.ps.data(), w.pr.data(), c.s0, c.s1, log_c_s);
   }
 
   void forward() const {
-    parallel_chunks(p.K, [&] { return Work(p); }, [&](int64_t k, Work& w) { forward_chunk(k, w); });
+    parallel_chunks(p.K, [&] { return Work(p, false); }, [&](int64_t k, Work& w) { forward_chunk(k, w); });
   }
 
   void backward() const {
-    parallel_chunks(p.K, [&] { return Work(p); }, [&](int64_t k, Work& w) { backward_chunk(k, w); });
+    parallel_chunks(p.K, [&] { return Work(p, true); }, [&](int64_t k, Work& w) { backward_chunk(k, w); });
   }
 };
 

@@ -378,12 +378,17 @@ def _has_trl() -> bool:
 
 def run_gold_benchmark(*, device: str | None = None, csv_path: str | None = None,
                        dtypes: list[torch.dtype] | None = None, repeats: int | None = None,
-                       trl_repeats: int | None = None) -> list[Measurement]:
+                       trl_repeats: int | None = None, threads: int | None = None) -> list[Measurement]:
     """Forward+backward time and peak extra memory of GOLD's loss: TRL's ``ULDLoss`` (extended, hybrid,
     bayesian merge, beta = 0) against :func:`xtoken.gold_loss` in the configuration that reproduces it, on the
     same inputs: the real Llama-3.2 -> Qwen pair, batch 2, completions of about 300 student tokens,
-    V_s = 128,256, V_t = 151,936. xtoken's chunk table is TRL's groups (built once, outside the timing)."""
+    V_s = 128,256, V_t = 151,936. xtoken's chunk table is TRL's groups (built once, outside the timing).
+    ``threads`` sets the CPU threads of both (torch's intra-op threads, which xtoken's OpenMP loops follow),
+    here and in the memory probes."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    if threads is not None:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtypes = dtypes or [torch.float32]
     on_cpu = dev.type == "cpu"

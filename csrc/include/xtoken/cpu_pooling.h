@@ -128,8 +128,8 @@ struct Side {
   }
 
   // The gradient rows [r0, r1) of a loss whose gradient in the pooled vector is h (V-sized), into the
-  // gradient base `dz` (row 0). `pooled` is the pooled vector (read by first), `scratch` V-sized. Writes
-  // every row of the chunk.
+  // gradient base `dz` (row 0). `pooled` is the pooled vector (read by first, and by bayes without prefix
+  // rows), `scratch` V-sized. Writes every row of the chunk.
   void pool_backward(T* dz, const A* h, const A* pooled, A* scratch, int32_t r0, int32_t r1, A log_c) const {
     switch (merge) {
       case Merge::First: {
@@ -149,10 +149,14 @@ struct Side {
       }
       case Merge::Bayes: {
         const int32_t last = r1 - 1;
-        row_probs(scratch, row(last), V, inv_tau, lse[last], A(1), false);
-        const A u = dot(scratch, h, V);
+        const A* p_last = pooled;  // with no prefix rows, c = 1 and the pooled vector is p_last
+        if (last > r0) {
+          row_probs(scratch, row(last), V, inv_tau, lse[last], A(1), false);
+          p_last = scratch;
+        }
+        const A u = dot(p_last, h, V);
         const A c = cpu_math::exp(log_c);
-        write_softmax_grad(dz + last * V, scratch, h, V, u, inv_tau * c);
+        write_softmax_grad(dz + last * V, p_last, h, V, u, inv_tau * c);
         for (int32_t r = r0; r < last; ++r) {
           write_logprob_grad(dz + r * V, row(r), V, inv_tau, lse[r], targets[r], inv_tau * c * u);
         }
