@@ -7,6 +7,7 @@ import functools
 import os
 
 import torch
+import xtoken
 from tokenizers_util import (
     CORPUS,
     DIGIT_PACKING_ROLES,
@@ -16,8 +17,6 @@ from tokenizers_util import (
     digit_splitting_bpe,
     sentencepiece_bpe,
 )
-
-import xtoken
 from xtoken.tokenizer import load_tokenizer
 
 TEXTS = CORPUS[:11] * 2  # 22 texts, each of the corpus sentences twice

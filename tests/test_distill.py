@@ -7,9 +7,8 @@ import pickle
 
 import pytest
 import torch
-from distill_util import TEXTS, student_tokenizer, teacher_tokenizers, tiny_lm
-
 import xtoken
+from distill_util import TEXTS, student_tokenizer, teacher_tokenizers, tiny_lm
 from xtoken.align import align_texts
 from xtoken.distill import (
     CHUNK_STAT_NAMES,
@@ -66,7 +65,7 @@ def test_collator_rejects_examples_without_text(tokenizers):
 
 
 def test_auto_loss_follows_the_audit(tokenizers, projections):
-    student, teachers = tokenizers
+    _, teachers = tokenizers
     model = tiny_lm(8, seed=0)
     digits = Teacher(model, teachers["digits"], projections["digits"])
     assert digits.resolved_loss() == projections["digits"].audit().recommendation == "pkl"

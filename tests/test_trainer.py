@@ -17,10 +17,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from distill_util import TEXTS, make_teachers, student_tokenizer, tiny_lm, train, training_logs  # noqa: E402
-
-import xtoken  # noqa: E402
-from xtoken.distill import available_losses  # noqa: E402
+import xtoken
+from distill_util import TEXTS, make_teachers, student_tokenizer, tiny_lm, train, training_logs
+from xtoken.distill import available_losses
 
 TESTS = Path(__file__).parent
 

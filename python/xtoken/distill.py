@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import losses
-from .align import AlignStats, CHUNK_SHAPES, _pad, align_spans, as_span_tokenizer
+from .align import CHUNK_SHAPES, AlignStats, _pad, align_spans, as_span_tokenizer
 from .projection import Projection
 from .tokenizer import load_tokenizer
 
