@@ -17,7 +17,7 @@ from xtoken.distill import available_losses
 
 def _operands(problem):
     numbers = [int(w.strip(".?")) for w in problem.prompt.split() if w.strip(".?").isdigit()]
-    op = "-" if any(w in problem.prompt for w in ("gives away", "lost")) else "+"
+    op = "-" if "gives away" in problem.prompt else "+"
     return op, numbers[0], numbers[1]
 
 
@@ -56,6 +56,8 @@ def test_demo_quick_runs(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     ran = [label for m, label in METHODS.items() if m == "ce" or m in available_losses()]
     assert list(results["accuracy"]) == ["teacher", *ran]
+    assert list(results["lone_digit"]) == list(results["repdigit"]) == ran
     assert all(0 <= a <= 1 for a in results["accuracy"].values())
+    assert len(results["skipped"]) == len(METHODS) - len(ran)
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     assert (tmp_path / "W.safetensors").is_file() and (tmp_path / "train.jsonl").is_file()

@@ -154,3 +154,24 @@ def test_bad_dataset_example(tmp_path):
     trainer = _trainer(tmp_path, train_dataset=[{"content": "no text field"}] * 4)
     with pytest.raises(TypeError, match="'text'"):
         trainer.train()
+
+
+def test_bf16_teacher_and_evaluation(tmp_path):
+    from transformers import TrainingArguments
+
+    student_tok = student_tokenizer()
+    (teacher,) = make_teachers(["digits"], student_tok)
+    teacher.dtype = torch.bfloat16
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
+                             per_device_train_batch_size=4, per_device_eval_batch_size=4, disable_tqdm=True)
+    trainer = xtoken.DistillationTrainer(
+        tiny_lm(len(student_tok), seed=0), args, teachers=teacher, student_tokenizer=student_tok,
+        train_dataset=TEXTS, eval_dataset=TEXTS[:8],
+    )  # fmt: skip
+    model = trainer.teachers[0].teacher.model
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
+    assert not model.training
+    trainer.train()
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0 and torch.isfinite(torch.tensor(metrics["eval_loss"]))

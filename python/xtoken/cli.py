@@ -391,13 +391,21 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
         help="student methods to run (default: all)",
     )  # fmt: skip
-    p.set_defaults(func=_run_demo)
+    p.add_argument(
+        "--workers", type=int, default=None,
+        help="students trained at once, one process and one thread each (default: up to 2, by CPU count)",
+    )  # fmt: skip
+    p.set_defaults(func=_clean_errors(_run_demo))
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    import os
+
     from .demo import SETTINGS, run_demo
 
-    run_demo(SETTINGS["quick" if args.quick else "default"], args.seed, methods=args.methods, output=args.output)
+    workers = args.workers if args.workers is not None else max(1, min(2, os.cpu_count() or 1))
+    settings = SETTINGS["quick" if args.quick else "default"]
+    run_demo(settings, args.seed, methods=args.methods, workers=workers, output=args.output)
     return 0
 
 

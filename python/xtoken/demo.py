@@ -33,14 +33,22 @@ import torch
 __all__ = [
     "METHODS",
     "SETTINGS",
+    "Answer",
+    "DemoData",
+    "DemoResult",
     "DemoSettings",
     "ModelSize",
     "Problem",
+    "StudentVariant",
+    "greedy_answers",
     "make_problems",
-    "train_tokenizers",
-    "exact_match",
-    "run_demo",
+    "method_variants",
     "plot_accuracy",
+    "prepare",
+    "run_demo",
+    "train_students",
+    "train_teacher",
+    "train_tokenizers",
 ]
 
 # The split patterns of Qwen (one digit per pre-token) and Llama-3 (up to three digits per pre-token).
@@ -55,12 +63,10 @@ METHODS = {"ce": "CE only", "gold": "CE+GOLD", "pkl": "CE+P-KL", "hkl": "CE+H-KL
 
 _NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gia", "Hugo", "Ida", "Jon", "Kim", "Leo", "Mia", "Ned")
 _OBJECTS = ("apples", "pens", "coins", "books", "cards", "shells", "stamps", "marbles", "cups", "eggs")
-_TEMPLATES = (
-    ("+", "{n} has {a} {o} and gets {b} more. How many {o} does {n} have now?"),
-    ("+", "A box holds {a} {o}. Another box holds {b} {o}. How many {o} are there in all?"),
-    ("-", "{n} has {a} {o} and gives away {b}. How many {o} are left?"),
-    ("-", "{n} had {a} {o} and lost {b} of them. How many {o} does {n} have now?"),
-)
+_TEMPLATES = {
+    "+": "{n} has {a} {o} and gets {b} more. How many {o} does {n} have now?",
+    "-": "{n} has {a} {o} and gives away {b}. How many {o} are left?",
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ def make_problems(
     seed: int, train: int, test: int, operands: tuple[int, int] = (10, 99)
 ) -> tuple[list[Problem], list[Problem]]:
     """``train`` training and ``test`` held-out problems: additions and subtractions of two operands in
-    ``operands`` (inclusive), in four phrasings. No (operation, a, b) of a test problem occurs in training,
+    ``operands`` (inclusive). No (operation, a, b) of a test problem occurs in training,
     so test accuracy measures arithmetic, not recall."""
     low, high = operands
     pairs = [(op, a, b) for op in "+-" for a in range(low, high + 1) for b in range(low, high + 1)
@@ -92,8 +98,7 @@ def make_problems(
     held_out, seen = pairs[:test], pairs[test:]
 
     def problem(op: str, a: int, b: int) -> Problem:
-        template = rng.choice([t for o, t in _TEMPLATES if o == op])
-        question = template.format(n=rng.choice(_NAMES), o=rng.choice(_OBJECTS), a=a, b=b)
+        question = _TEMPLATES[op].format(n=rng.choice(_NAMES), o=rng.choice(_OBJECTS), a=a, b=b)
         return Problem(f"Q: {question}\nA: ", str(a + b if op == "+" else a - b))
 
     return [problem(*rng.choice(seen)) for _ in range(train)], [problem(*p) for p in held_out]
@@ -175,7 +180,7 @@ class DemoSettings:
 SETTINGS = {
     "default": DemoSettings(
         train_problems=20_000, test_problems=500, teacher=ModelSize(64, 2), student=ModelSize(64, 2),
-        teacher_steps=3000, student_steps=1000,
+        teacher_steps=4000, student_steps=2000,
     ),
     "quick": DemoSettings(
         train_problems=2_000, test_problems=100, teacher=ModelSize(32, 1), student=ModelSize(32, 1),
@@ -252,14 +257,25 @@ def train_lm(
     return model.eval()
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A model's greedy answer to a problem: the text it generated up to its first newline, the text of its
+    first token, and whether the text is exactly the answer (and the newline came)."""
+
+    text: str
+    first_token: str
+    correct: bool
+
+
 @torch.no_grad()
-def exact_match(model, tokenizer, problems: Sequence[Problem], batch_size: int = 100) -> list[bool]:
-    """For each problem, whether the model's greedy continuation of the prompt, up to its first newline,
-    is exactly the answer. Prompts are left-padded and encoded with the tokenizer's special tokens."""
+def greedy_answers(model, tokenizer, problems: Sequence[Problem], batch_size: int = 100) -> list[Answer]:
+    """The model's greedy continuation of each prompt, scored by exact match with the answer (the demo's
+    metric). Prompts are left-padded and encoded with the tokenizer's special tokens; generation runs for
+    one token per answer digit plus the newline, the most any tokenizer here needs."""
     hf = tokenizer.hf_tokenizer()
     pad = tokenizer.roles["pad"]
-    newline = max(len(p.answer) for p in problems) + 1
-    correct = []
+    new_tokens = max(len(p.answer) for p in problems) + 1
+    answers = []
     model.eval()
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
@@ -268,13 +284,15 @@ def exact_match(model, tokenizer, problems: Sequence[Problem], batch_size: int =
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
         output = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=newline + 1, do_sample=False,
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
             pad_token_id=pad, eos_token_id=tokenizer.roles["eos"],
         )  # fmt: skip
         for problem, row in zip(chunk, output[:, width:].tolist()):
             text = hf.decode(row, skip_special_tokens=True)
-            correct.append(text.split("\n", 1)[0] == problem.answer and "\n" in text)
-    return correct
+            line = text.split("\n", 1)[0]
+            first = hf.decode(row[:1], skip_special_tokens=True)
+            answers.append(Answer(line, first, line == problem.answer and "\n" in text))
+    return answers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,12 +303,18 @@ def exact_match(model, tokenizer, problems: Sequence[Problem], batch_size: int =
 class DemoResult:
     """What one demo run measured. ``accuracy`` maps a row label (``"teacher"`` and the
     :data:`METHODS` labels that ran) to exact-match accuracy on the held-out problems;
-    ``by_answer_digits`` splits it by the number of digits of the answer."""
+    ``by_answer_digits`` splits it by the number of digits of the answer. Two diagnostics of the students'
+    multi-digit answers, from their first generated token (the student's tokenizer writes each numeral of
+    the corpus as one token): ``lone_digit``, the share begun with a lone digit (digit by digit, as the
+    teacher's tokenizer would), and ``repdigit``, the share begun with a wrong numeral made of one repeated
+    digit ("88" for 80)."""
 
     seed: int
     settings: dict[str, Any]
     accuracy: dict[str, float] = field(default_factory=dict)
     by_answer_digits: dict[str, dict[str, float]] = field(default_factory=dict)
+    lone_digit: dict[str, float] = field(default_factory=dict)
+    repdigit: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     audit: str = ""
     alignment: str = ""
@@ -298,23 +322,39 @@ class DemoResult:
 
     def table(self) -> str:
         digits = sorted({d for row in self.by_answer_digits.values() for d in row})
-        header = f"{'model':<10} {'exact match':>11}" + "".join(f"{d + '-digit':>10}" for d in digits) + f"{'time':>8}"
+        width = max(map(len, self.accuracy), default=5) + 1
+        header = (f"{'model':<{width}} {'exact match':>11}" + "".join(f"{d + '-digit':>10}" for d in digits)
+                  + f"{'lone digit':>12}{'repdigit':>10}{'time':>8}")  # fmt: skip
         lines = [header, "-" * len(header)]
         for label, accuracy in self.accuracy.items():
-            split = self.by_answer_digits.get(label, {})
+            by_digits = self.by_answer_digits.get(label, {})
+            lone = f"{self.lone_digit[label]:.1%}" if label in self.lone_digit else "-"
+            rep = f"{self.repdigit[label]:.1%}" if label in self.repdigit else "-"
             lines.append(
-                f"{label:<10} {accuracy:>11.1%}" + "".join(f"{split.get(d, float('nan')):>10.1%}" for d in digits)
-                + f"{self.seconds.get(label, float('nan')):>7.0f}s"
+                f"{label:<{width}} {accuracy:>11.1%}"
+                + "".join(f"{by_digits.get(d, float('nan')):>10.1%}" for d in digits)
+                + f"{lone:>12}{rep:>10}{self.seconds.get(label, float('nan')):>7.0f}s"
             )
-        lines += [f"{METHODS[m]:<10} skipped: {why}" for m, why in self.skipped.items()]
+        lines += [f"{label:<{width}} skipped: {why}" for label, why in self.skipped.items()]
         return "\n".join(lines)
 
 
-def _by_digits(problems: Sequence[Problem], correct: Sequence[bool]) -> dict[str, float]:
-    groups: dict[str, list[bool]] = {}
-    for problem, ok in zip(problems, correct):
-        groups.setdefault(str(len(problem.answer)), []).append(ok)
-    return {d: sum(v) / len(v) for d, v in sorted(groups.items())}
+    def record(self, label: str, problems: Sequence[Problem], answers: Sequence[Answer], seconds: float,
+               student: bool) -> None:
+        """Add one model's row."""
+        self.accuracy[label] = sum(a.correct for a in answers) / len(answers)
+        groups: dict[str, list[bool]] = {}
+        for problem, answer in zip(problems, answers):
+            groups.setdefault(str(len(problem.answer)), []).append(answer.correct)
+        self.by_answer_digits[label] = {d: sum(v) / len(v) for d, v in sorted(groups.items())}
+        if student:
+            firsts = [(p.answer, a.first_token) for p, a in zip(problems, answers) if len(p.answer) > 1]
+            count = max(len(firsts), 1)
+            self.lone_digit[label] = sum(len(t) == 1 and t.isdigit() for _, t in firsts) / count
+            self.repdigit[label] = sum(
+                len(t) > 1 and t.isdigit() and len(set(t)) == 1 and t != answer for answer, t in firsts
+            ) / count
+        self.seconds[label] = seconds
 
 
 def _alignment_stats(texts: Sequence[str], student, teacher) -> str:
@@ -323,81 +363,233 @@ def _alignment_stats(texts: Sequence[str], student, teacher) -> str:
     return str(align_texts(list(texts), student, teacher).stats)
 
 
+HYBRID_OPTIONS = {"weights": (1.0, 1.0)}
+"""GOLD and H-KL weigh the common-pair KL and the sorted-L1 term 1:1, as NeMo-RL's X-Token code does (the
+implementation the paper's GOLD numbers most likely come from)."""
+
+
+@dataclass
+class DemoData:
+    """One seed's corpus, tokenizers and W (:func:`prepare`)."""
+
+    settings: DemoSettings
+    seed: int
+    train: list[Problem]
+    test: list[Problem]
+    teacher_tokenizer: Any
+    student_tokenizer: Any
+    projection: Any
+
+    @property
+    def texts(self) -> list[str]:
+        return [p.text for p in self.train]
+
+
+def prepare(settings: DemoSettings, seed: int) -> DemoData:
+    """Steps 1-2 of the demo: the problems, the two tokenizers trained on them, and W."""
+    from .projection import Projection
+
+    train, test = make_problems(seed, settings.train_problems, settings.test_problems)
+    teacher_tok, student_tok = train_tokenizers([p.text for p in train])
+    return DemoData(settings, seed, train, test, teacher_tok, student_tok, Projection.build(student_tok, teacher_tok))
+
+
+@dataclass(frozen=True)
+class StudentVariant:
+    """A student to train: its row label, the teacher loss (``None``: CE only), and options of
+    :meth:`Projection.build` for a W of its own (``None``: the demo's W)."""
+
+    label: str
+    loss: str | None
+    projection_options: dict[str, Any] | None = None
+
+
+def method_variants(methods: Sequence[str]) -> list[StudentVariant]:
+    """The students of :data:`METHODS` ``methods``."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown}; expected some of {list(METHODS)}")
+    return [StudentVariant(METHODS[m], None if m == "ce" else m) for m in methods]
+
+
+@dataclass
+class _Job:
+    """One model to train and score: everything a worker process needs (picklable)."""
+
+    label: str
+    tokenizer: Any
+    size: ModelSize
+    model_seed: int
+    steps: int
+    lr: float
+    teachers: list
+    settings: DemoSettings
+    seed: int
+    texts: list[str]
+    test: list[Problem]
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def _run_job(job: _Job, log: Callable[[str], None] = _print) -> tuple[Any, list[Answer], float]:
+    """Train ``job``'s model; return it, its answers to the test problems and the seconds taken."""
+    start = time.perf_counter()
+    model = build_lm(len(job.tokenizer), job.size, job.model_seed, job.tokenizer.roles["eos"])
+    with tempfile.TemporaryDirectory() as work_dir:
+        train_lm(model, job.tokenizer, job.texts, teachers=job.teachers, steps=job.steps, lr=job.lr,
+                 settings=job.settings, seed=job.seed, label=job.label, log=log, work_dir=work_dir)
+    answers = greedy_answers(model, job.tokenizer, job.test)
+    return model, answers, time.perf_counter() - start
+
+
+def _run_in_worker(job: _Job) -> tuple[list[Answer], float]:
+    torch.set_num_threads(1)  # one worker per core
+    _, answers, seconds = _run_job(job)
+    return answers, seconds
+
+
+def _one_thread(function):
+    """``function`` run with torch on one thread (the models are too small for threads to help, and one
+    thread count keeps results independent of the machine's core count)."""
+
+    def wrapped(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapped
+
+
+@_one_thread
+def train_teacher(data: DemoData, log: Callable[[str], None] = print) -> tuple[Any, list[Answer], float]:
+    """Step 3: the teacher, its answers to the held-out problems and the seconds it took."""
+    settings = data.settings
+    job = _Job("teacher", data.teacher_tokenizer, settings.teacher, data.seed + 1, settings.teacher_steps,
+               settings.teacher_lr, [], settings, data.seed, data.texts, data.test)  # fmt: skip
+    return _run_job(job, log)
+
+
+@_one_thread
+def train_students(
+    data: DemoData, teacher, variants: Sequence[StudentVariant], *, workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> list[tuple[list[Answer], float] | str]:
+    """Step 4: per variant, the student's answers to the held-out problems and the seconds it took, or why
+    it was skipped (its loss is not in this build of xtoken). Every student has the same size,
+    initialization, batches and steps; they differ only in the teacher loss (and W). ``workers`` students
+    train at once, each in its own process on one thread."""
+    from .distill import Teacher, available_losses
+    from .projection import Projection
+
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"workers: expected an integer >= 1, got {workers!r}")
+    settings = data.settings
+    jobs, outcomes = [], []
+    for variant in variants:
+        if variant.loss is not None and variant.loss not in available_losses():
+            outcomes.append(f"xtoken.{variant.loss}_loss is not in this build of xtoken")
+            log(f"  {variant.label:<8} skipped: {outcomes[-1]}")
+            continue
+        teachers = []
+        if variant.loss is not None:
+            projection = data.projection
+            if variant.projection_options:
+                projection = Projection.build(data.student_tokenizer, data.teacher_tokenizer,
+                                              **variant.projection_options)
+            options = HYBRID_OPTIONS if variant.loss in ("gold", "hkl") else None
+            teachers = [Teacher(teacher, data.teacher_tokenizer, projection, loss=variant.loss, options=options)]
+        jobs.append(_Job(variant.label, data.student_tokenizer, settings.student, data.seed + 2,
+                         settings.student_steps, settings.student_lr, teachers, settings, data.seed, data.texts,
+                         data.test))  # fmt: skip
+        outcomes.append(None)
+    log(f"training {len(jobs)} students (same initialization, batches and steps; {min(workers, max(len(jobs), 1))} "
+        "at a time)")
+    trained = iter(_run_jobs(jobs, workers, log))
+    return [next(trained) if outcome is None else outcome for outcome in outcomes]
+
+
+def _run_jobs(jobs: list[_Job], workers: int, log: Callable[[str], None]) -> list[tuple[list[Answer], float]]:
+    """(answers, seconds) per job, in order: in this process, or ``workers`` at a time in worker processes
+    (whose progress lines go straight to stdout)."""
+    if workers == 1 or len(jobs) <= 1:
+        return [_run_job(job, log)[1:] for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_run_in_worker, jobs))
+
+
 def run_demo(
     settings: DemoSettings,
     seed: int = 0,
     *,
     methods: Sequence[str] = tuple(METHODS),
+    extra_students: Sequence[StudentVariant] = (),
+    workers: int = 1,
     output: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Run the demo (module docstring) and return what it measured. With ``output``, the corpus, the
-    tokenizers, W, ``results.json`` and ``accuracy.png`` are written there. A method whose loss this build
-    of xtoken lacks is skipped and reported."""
-    from .distill import Teacher, available_losses
-    from .projection import Projection
+    """Run the demo (module docstring) and return what it measured.
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"methods: unknown {unknown}; expected some of {list(METHODS)}")
+    Args:
+        settings: the budget (:data:`SETTINGS`).
+        seed: seeds the corpus, the tokenizers, the models and the batches.
+        methods: the student methods to run (keys of :data:`METHODS`). A method whose loss this build of
+            xtoken lacks is skipped and reported.
+        extra_students: more students to train the same way (ablations).
+        workers: students trained at once, each in its own process. Every model trains on one thread, so
+            results do not depend on ``workers``.
+        output: a folder for the corpus, the tokenizers, W, ``results.json`` and ``accuracy.png``.
+        log: where progress lines go.
+    """
+    variants = [*method_variants(methods), *extra_students]
     result = DemoResult(seed=seed, settings=asdict(settings))
     clock = time.perf_counter()
-    train, test = make_problems(seed, settings.train_problems, settings.test_problems)
-    texts = [p.text for p in train]
-    teacher_tok, student_tok = train_tokenizers(texts)
-    projection = Projection.build(student_tok, teacher_tok)
-    audit = projection.audit()
-    result.audit = str(audit)
-    result.alignment = _alignment_stats(texts[:1000], student_tok, teacher_tok)
+    data = prepare(settings, seed)
+    result.audit = str(data.projection.audit())
+    result.alignment = _alignment_stats(data.texts[:1000], data.student_tokenizer, data.teacher_tokenizer)
     result.seconds["setup"] = time.perf_counter() - clock
-    log(f"corpus: {len(train):,} training problems, {len(test):,} held-out; example:\n  {train[0].text!r}")
-    log(f"tokenizers: teacher {len(teacher_tok)} ids (splits digits), student {len(student_tok)} ids (packs up to "
-        f"3 digits); the student's {train[0].answer!r} is {len(student_tok.encode(train[0].answer))} token(s), "
-        f"the teacher's {len(teacher_tok.encode(train[0].answer))}")
+    example = data.train[0]
+    log(f"corpus: {len(data.train):,} training problems, {len(data.test):,} held-out; example:\n  {example.text!r}")
+    log(f"tokenizers: teacher {len(data.teacher_tokenizer)} ids (splits digits), student "
+        f"{len(data.student_tokenizer)} ids (packs up to 3 digits); {example.answer!r} is "
+        f"{len(data.student_tokenizer.encode(example.answer))} student token(s), "
+        f"{len(data.teacher_tokenizer.encode(example.answer))} teacher token(s)")
     log(f"coverage audit of W (student -> teacher):\n{result.audit}")
     log(f"alignment of the first 1,000 training texts:\n{result.alignment}")
 
-    with tempfile.TemporaryDirectory() as work_dir:
-
-        def train_model(label: str, tokenizer, size: ModelSize, model_seed: int, **kwargs):
-            start = time.perf_counter()
-            model = build_lm(len(tokenizer), size, model_seed, tokenizer.roles["eos"])
-            train_lm(model, tokenizer, texts, settings=settings, seed=seed, label=label, log=log,
-                     work_dir=work_dir, **kwargs)
-            correct = exact_match(model, tokenizer, test)
-            result.accuracy[label] = sum(correct) / len(correct)
-            result.by_answer_digits[label] = _by_digits(test, correct)
-            result.seconds[label] = time.perf_counter() - start
-            log(f"  {label:<8} exact match {result.accuracy[label]:.1%} ({result.seconds[label]:.0f} s)")
-            return model
-
-        log("training the teacher")
-        teacher = train_model("teacher", teacher_tok, settings.teacher, seed + 1,
-                              steps=settings.teacher_steps, lr=settings.teacher_lr)
-        log("training the students (same initialization, batches and steps)")
-        for method in methods:
-            if method != "ce" and method not in available_losses():
-                result.skipped[method] = f"xtoken.{method}_loss is not in this build of xtoken"
-                log(f"  {METHODS[method]:<8} skipped: {result.skipped[method]}")
-                continue
-            teachers = [] if method == "ce" else [Teacher(teacher, teacher_tok, projection, loss=method)]
-            train_model(METHODS[method], student_tok, settings.student, seed + 2, teachers=teachers,
-                        steps=settings.student_steps, lr=settings.student_lr)
+    log("training the teacher")
+    teacher, answers, seconds = train_teacher(data, log)
+    result.record("teacher", data.test, answers, seconds, student=False)
+    log(f"  teacher  exact match {result.accuracy['teacher']:.1%} ({seconds:.0f} s)")
+    for variant, outcome in zip(variants, train_students(data, teacher, variants, workers=workers, log=log)):
+        if isinstance(outcome, str):
+            result.skipped[variant.label] = outcome
+            continue
+        result.record(variant.label, data.test, *outcome, student=True)
+        log(f"  {variant.label:<8} exact match {result.accuracy[variant.label]:.1%} ({outcome[1]:.0f} s)")
     result.seconds["total"] = time.perf_counter() - clock
-    log(f"\nexact-match answer accuracy on {len(test):,} held-out problems (greedy generation):\n{result.table()}")
+    log(f"\nexact-match answer accuracy on {len(data.test):,} held-out problems (greedy generation):\n"
+        f"{result.table()}\ntotal {result.seconds['total']:.0f} s")
     if output is not None:
-        _save(Path(output), result, train, test, teacher_tok, student_tok, projection, log)
+        _save(Path(output), result, data, log)
     return result
 
 
-def _save(folder: Path, result: DemoResult, train, test, teacher_tok, student_tok, projection, log) -> None:
+def _save(folder: Path, result: DemoResult, data: DemoData, log: Callable[[str], None]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for name, problems in (("train", train), ("test", test)):
+    for name, problems in (("train", data.train), ("test", data.test)):
         with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"text": p.text, "prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems)
-    teacher_tok.hf_tokenizer().save(str(folder / "teacher_tokenizer.json"))
-    student_tok.hf_tokenizer().save(str(folder / "student_tokenizer.json"))
-    projection.save(folder / "W.safetensors")
+    data.teacher_tokenizer.hf_tokenizer().save(str(folder / "teacher_tokenizer.json"))
+    data.student_tokenizer.hf_tokenizer().save(str(folder / "student_tokenizer.json"))
+    data.projection.save(folder / "W.safetensors")
     (folder / "results.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
     plot_accuracy([result], folder / "accuracy.png")
     log(f"saved the corpus, tokenizers, W, results.json and accuracy.png to {folder}")
@@ -415,14 +607,16 @@ def plot_accuracy(results: Sequence[DemoResult], path: str | Path) -> None:
     values = [[100 * r.accuracy[label] for r in results if label in r.accuracy] for label in labels]
     means = [sum(v) / len(v) for v in values]
     errors = [[m - min(v) for m, v in zip(means, values)], [max(v) - m for m, v in zip(means, values)]]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
-    colors = ["#777777" if label == "teacher" else "#c0392b" if "GOLD" in label else "#2e86c1" for label in labels]
+    fig, ax = plt.subplots(figsize=(7.0, 4.0), dpi=120)
+    palette = {"teacher": "#7f8c8d", "CE only": "#34495e", "GOLD": "#c0392b", "H-KL": "#e67e22", "P-KL": "#2e86c1"}
+    colors = [next((c for key, c in palette.items() if key in label), "#95a5a6") for label in labels]
     ax.bar(labels, means, yerr=errors if len(results) > 1 else None, capsize=4, color=colors)
     for x, v in enumerate(values):
         ax.scatter([x] * len(v), v, color="black", s=10, zorder=3)
     seeds = ", ".join(str(r.seed) for r in results)
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_ylim(0, 100)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
     ax.set_title(f"Held-out arithmetic, greedy answers (seed{'s' if len(results) > 1 else ''} {seeds})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
