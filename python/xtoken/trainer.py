@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import Trainer, TrainingArguments
 
 from .distill import (
@@ -35,6 +36,13 @@ from .distill import (
 )
 
 __all__ = ["DistillationTrainer"]
+
+if not hasattr(Trainer, "loss_is_scaled_for_ga"):
+    # Older Trainers divide every returned loss by the accumulation steps; this one normalizes globally itself.
+    raise ImportError(
+        f"xtoken.DistillationTrainer needs transformers >= 5.19 (Trainer.loss_is_scaled_for_ga); found "
+        f"{transformers.__version__}: pip install 'transformers>=5.19'"
+    )
 
 _STATS = len(CHUNK_STAT_NAMES)
 
@@ -86,8 +94,7 @@ class DistillationTrainer(Trainer):
         _check_batching(args)
         args.remove_unused_columns = False
         self.kd_scaling = kd_scaling
-        width = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else None
-        self.teachers: list[PreparedTeacher] = prepare_teachers(teachers, student_tokenizer, width)
+        self.teachers: list[PreparedTeacher] = prepare_teachers(teachers, student_tokenizer, _logit_width(model))
         kwargs.setdefault(
             "data_collator",
             DistillationCollator(
@@ -141,6 +148,11 @@ class DistillationTrainer(Trainer):
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
             ignore_index=-100, reduction="sum",
         )  # fmt: skip
+        if len(inputs["teachers"]) != len(self.teachers):
+            raise ValueError(
+                f"the batch aligns {len(inputs['teachers'])} teacher(s) but the trainer has {len(self.teachers)}; "
+                "a custom data_collator must produce DistillationCollator batches for the same teachers"
+            )
         kd_sums = [self._teacher_sum(p, logits, inputs, t) for p, t in zip(self.teachers, inputs["teachers"])]
         local = torch.stack([ce_sum.detach().double(), *(k.detach().double() for k in kd_sums)])
         local_counts = self._local_counts(inputs).to(local.device)
@@ -222,6 +234,15 @@ class DistillationTrainer(Trainer):
             for key, value in summary.items():
                 logs[f"{key}/{prepared.name}"] = value
         return logs
+
+
+def _logit_width(model: torch.nn.Module) -> int | None:
+    """The student's logit width (a padded lm_head may exceed the tokenizer), read without touching weights
+    that DeepSpeed ZeRO-3 may have partitioned; None when the model does not say."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Linear):
+        return head.out_features
+    return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
 def _check_batching(args: TrainingArguments) -> None:
