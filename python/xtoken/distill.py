@@ -29,9 +29,13 @@ __all__ = [
     "LOSS_NAMES",
     "CHUNK_STAT_NAMES",
     "Teacher",
+    "PreparedTeacher",
     "DistillationCollator",
     "available_losses",
+    "chunk_stats_summary",
     "combine_ce_kd",
+    "dynamic_scale",
+    "prepare_teachers",
     "teacher_loss",
 ]
 
@@ -179,10 +183,10 @@ class PreparedTeacher:
 def prepare_teachers(
     teachers: Teacher | Sequence[Teacher], student_tokenizer: Any, student_vocab_size: int | None = None
 ) -> list[PreparedTeacher]:
-    """Check the teachers against the student and resolve their losses: a teacher without a projection must
-    share the student's vocabulary (its loss ``"kd"`` or ``"uld"``), ``"kd"`` needs that too, and the
-    other losses need the student and teacher tokenizers W was built for. ``student_vocab_size`` (the
-    student's logit width) pads W with empty rows for a padded lm_head."""
+    """Check the teachers against the student and resolve their losses. ``"kd"`` needs the student's
+    vocabulary; ``"uld"`` needs no W; the other losses need a W, built for this student and teacher
+    tokenizer when W records them. ``student_vocab_size`` (the student's logit width) pads W with empty
+    rows for a padded lm_head."""
     if isinstance(teachers, Teacher):
         teachers = [teachers]
     teachers = list(teachers)
