@@ -21,6 +21,8 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", type=int, nargs="*", default=None, help="row counts N")
     parser.add_argument("--dtypes", nargs="*", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) float64 reference")
+    parser.add_argument("--reference-max-rows", type=int, default=256,
+                        help="run the reference only up to this many rows (default 256)")
     parser.add_argument("--csv", default=None)
     args = parser.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -28,4 +30,4 @@ if __name__ == "__main__":
     csv_path = args.csv or os.path.join(here, "results", f"pkl_loss_{device}.csv")
     run_pkl_benchmark(quick=args.quick, device=device, csv_path=csv_path, sizes=args.sizes,
                       dtypes=[getattr(torch, d) for d in args.dtypes] if args.dtypes else None,
-                      with_reference=not args.no_reference)
+                      with_reference=not args.no_reference, reference_max_rows=args.reference_max_rows)

@@ -48,7 +48,7 @@ struct Side {
   A log_prefix(int32_t r0, int32_t r1) const {
     A log_c = 0;
     if (merge == Merge::Bayes) {
-      for (int32_t r = r0; r < r1 - 1; ++r) log_c += static_cast<A>(row(r)[targets[r]]) * inv_tau - lse[r];
+      for (int32_t r = r0; r < r1 - 1; ++r) log_c += cpu_math::load<A>(row(r)[targets[r]]) * inv_tau - lse[r];
     }
     return log_c;
   }
@@ -103,7 +103,7 @@ A kl_terms(const A* p, const T* z, const A* q, int64_t V, A inv_tau, A shift, bo
     if (from_logits) {
 #pragma omp simd reduction(+ : s)
       for (int64_t t = b; t < e; ++t) {
-        const A lp = static_cast<A>(z[t]) * inv_tau - shift;
+        const A lp = cpu_math::load<A>(z[t]) * inv_tau - shift;
         s += p[t] != A(0) ? p[t] * (lp - cpu_math::log(q[t] + A(kPklEps))) : A(0);
       }
     } else {
@@ -121,7 +121,7 @@ A kl_terms(const A* p, const T* z, const A* q, int64_t V, A inv_tau, A shift, bo
 template <typename T, typename A>
 void grad_q_from_logits(A* q, const T* z, int64_t V, A inv_tau, A shift, A G) {
 #pragma omp simd
-  for (int64_t t = 0; t < V; ++t) q[t] = -G * cpu_math::exp(static_cast<A>(z[t]) * inv_tau - shift) / (q[t] + A(kPklEps));
+  for (int64_t t = 0; t < V; ++t) q[t] = -G * cpu_math::exp(cpu_math::load<A>(z[t]) * inv_tau - shift) / (q[t] + A(kPklEps));
 }
 
 // ... or from probabilities (mean).
@@ -135,15 +135,15 @@ void grad_q_from_probs(A* q, const A* p, int64_t V, A G) {
 template <typename T, typename A>
 void write_softmax_grad(T* dz, const A* p, const A* h, int64_t V, A D, A scale) {
 #pragma omp simd
-  for (int64_t v = 0; v < V; ++v) dz[v] = static_cast<T>(scale * p[v] * (h[v] - D));
+  for (int64_t v = 0; v < V; ++v) dz[v] = cpu_math::store<T>(scale * p[v] * (h[v] - D));
 }
 
 // dz[v] = -coef * p[v] with p = exp(a - L), then dz[x] += coef: the gradient of coef * log p[x].
 template <typename T, typename A>
 void write_logprob_grad(T* dz, const T* z, int64_t V, A inv_tau, A L, int64_t x, A coef) {
 #pragma omp simd
-  for (int64_t v = 0; v < V; ++v) dz[v] = static_cast<T>(-coef * cpu_math::exp(static_cast<A>(z[v]) * inv_tau - L));
-  dz[x] = static_cast<T>(coef * (A(1) - cpu_math::exp(static_cast<A>(z[x]) * inv_tau - L)));
+  for (int64_t v = 0; v < V; ++v) dz[v] = cpu_math::store<T>(-coef * cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - L));
+  dz[x] = cpu_math::store<T>(coef * (A(1) - cpu_math::exp(cpu_math::load<A>(z[x]) * inv_tau - L)));
 }
 
 template <typename T>

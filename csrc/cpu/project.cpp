@@ -26,14 +26,14 @@ void project_rows(const T* in, T* out, int64_t N, int64_t V_in, int64_t V_out, c
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
       const T* row = in + n * V_in;
-      for (int64_t v = 0; v < V_in; ++v) src[v] = static_cast<A>(row[v]);
+      for (int64_t v = 0; v < V_in; ++v) src[v] = cpu_math::load<A>(row[v]);
       if (transpose) {
         gather_rows(dst.data(), src.data(), plan);
       } else {
         gather_columns(dst.data(), src.data(), plan);
       }
       T* o = out + n * V_out;
-      for (int64_t v = 0; v < V_out; ++v) o[v] = static_cast<T>(dst[v]);
+      for (int64_t v = 0; v < V_out; ++v) o[v] = cpu_math::store<T>(dst[v]);
     }
   }
 }

@@ -5,9 +5,11 @@
 // The double overloads forward to libm, for the float64 path that gradcheck uses.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 namespace xtoken {
@@ -73,6 +75,61 @@ inline float log(float x) {
 
 inline double exp(double x) { return std::exp(x); }
 inline double log(double x) { return std::log(x); }
+
+// Element conversions between the logits' dtype T and the accumulation type A that the vectorizer can
+// see through (c10's own conversions go through branches and calls, which keep bf16/fp16 loops scalar).
+template <typename A, typename T>
+inline A load(T x) {
+  return static_cast<A>(x);
+}
+
+template <>
+inline float load<float, c10::BFloat16>(c10::BFloat16 x) {
+  return bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(x.x) << 16));
+}
+
+// IEEE half -> float with integer operations only (normals, subnormals, inf and NaN).
+template <>
+inline float load<float, c10::Half>(c10::Half x) {
+  const uint32_t h = x.x;
+  const uint32_t shifted = (h & 0x7fffu) << 13;  // exponent and mantissa in float position
+  const uint32_t exponent = shifted & 0x0f800000u;
+  uint32_t bits = shifted + ((127u - 15u) << 23);
+  bits = exponent == 0x0f800000u ? bits + ((128u - 16u) << 23) : bits;  // inf, NaN
+  // Subnormal or zero: let the FPU normalize it.
+  const float subnormal = bits_to_float(static_cast<int32_t>(bits + (1u << 23))) - bits_to_float(113 << 23);
+  bits = exponent == 0 ? static_cast<uint32_t>(float_to_bits(subnormal)) : bits;
+  return bits_to_float(static_cast<int32_t>(bits | ((h & 0x8000u) << 16)));
+}
+
+template <typename T, typename A>
+inline T store(A x) {
+  return static_cast<T>(x);
+}
+
+template <>
+inline c10::BFloat16 store<c10::BFloat16, float>(float x) {  // round to nearest even, NaN stays NaN
+  const uint32_t u = static_cast<uint32_t>(float_to_bits(x));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+}
+
+// float -> IEEE half, rounding to nearest even (overflow to inf, NaN stays NaN), integer operations only.
+template <>
+inline c10::Half store<c10::Half, float>(float x) {
+  const uint32_t all = static_cast<uint32_t>(float_to_bits(x));
+  const uint32_t sign = all & 0x80000000u;
+  const uint32_t f = all ^ sign;
+  // Subnormal results: add a magic number so the FPU rounds the mantissa into place.
+  const uint32_t magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  const uint32_t subnormal =
+      static_cast<uint32_t>(float_to_bits(bits_to_float(static_cast<int32_t>(f)) + bits_to_float(static_cast<int32_t>(magic)))) -
+      magic;
+  const uint32_t normal = (f + ((15u - 127u) << 23) + 0xfffu + ((f >> 13) & 1u)) >> 13;
+  uint32_t h = f < (113u << 23) ? subnormal : normal;
+  h = f >= ((127u + 16u) << 23) ? (f > 0x7f800000u ? 0x7e00u : 0x7c00u) : h;
+  return c10::Half(static_cast<uint16_t>(h | (sign >> 16)), c10::Half::from_bits());
+}
 
 }  // namespace cpu_math
 }  // namespace xtoken

@@ -31,7 +31,7 @@ A row_lse(const T* z, int64_t V, A inv_tau) {
   A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t v = 0; v < V; ++v) {
-    const A x = static_cast<A>(z[v]);
+    const A x = cpu_math::load<A>(z[v]);
     m = x > m ? x : m;
   }
   m *= inv_tau;
@@ -40,7 +40,7 @@ A row_lse(const T* z, int64_t V, A inv_tau) {
     const int64_t e = b + kSumBlock < V ? b + kSumBlock : V;
     A s = 0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t v = b; v < e; ++v) s += cpu_math::exp(static_cast<A>(z[v]) * inv_tau - m);
+    for (int64_t v = b; v < e; ++v) s += cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - m);
     total += s;
   }
   return m + static_cast<A>(std::log(total));
@@ -51,10 +51,10 @@ template <typename T, typename A>
 void row_probs(A* out, const T* z, int64_t V, A inv_tau, A shift, A scale, bool accumulate) {
   if (accumulate) {
 #pragma omp simd
-    for (int64_t v = 0; v < V; ++v) out[v] += scale * cpu_math::exp(static_cast<A>(z[v]) * inv_tau - shift);
+    for (int64_t v = 0; v < V; ++v) out[v] += scale * cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - shift);
   } else {
 #pragma omp simd
-    for (int64_t v = 0; v < V; ++v) out[v] = scale * cpu_math::exp(static_cast<A>(z[v]) * inv_tau - shift);
+    for (int64_t v = 0; v < V; ++v) out[v] = scale * cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - shift);
   }
 }
 
@@ -153,7 +153,7 @@ A row_softmax(A* out, const T* z, int64_t V, A inv_tau, A scale) {
   A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t v = 0; v < V; ++v) {
-    const A x = static_cast<A>(z[v]);
+    const A x = cpu_math::load<A>(z[v]);
     m = x > m ? x : m;
   }
   m *= inv_tau;
@@ -163,7 +163,7 @@ A row_softmax(A* out, const T* z, int64_t V, A inv_tau, A scale) {
     A s = 0;
 #pragma omp simd reduction(+ : s)
     for (int64_t v = b; v < e; ++v) {
-      const A ev = cpu_math::exp(static_cast<A>(z[v]) * inv_tau - m);
+      const A ev = cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - m);
       out[v] = ev;
       s += ev;
     }
