@@ -68,6 +68,19 @@ class DistillationTrainer(Trainer):
         **kwargs: the other ``transformers.Trainer`` arguments (callbacks, optimizers, ...). A
             ``data_collator`` replaces the :class:`xtoken.DistillationCollator`; it must produce its batches.
 
+    Example (a Llama student, a Qwen teacher through W and a same-tokenizer Llama teacher)::
+
+        W = xtoken.Projection.build(llama_tok, qwen_tok)
+        teachers = [
+            xtoken.Teacher(qwen, qwen_tok, W, loss="auto", weight=0.8, dtype=torch.bfloat16, name="qwen"),
+            xtoken.Teacher(llama_3b, None, None, loss="kd", weight=0.2, name="llama3b"),
+        ]
+        trainer = xtoken.DistillationTrainer(
+            student, TrainingArguments("out", per_device_train_batch_size=8, bf16=True),
+            teachers=teachers, student_tokenizer=llama_tok, max_length=2048, train_dataset=texts,
+        )
+        trainer.train()
+
     Logged with each training log: ``ce_loss``, ``kd_loss/<teacher>`` (per chunk, tau^2 included),
     ``kd_scale`` (the mean dynamic ratio, under dynamic scaling), ``chunks/<teacher>``, ``one_to_one/<teacher>``,
     ``student_dropped/<teacher>`` and ``teacher_dropped/<teacher>`` (shares of tokens in no chunk), and
