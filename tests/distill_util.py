@@ -115,6 +115,7 @@ def train(
         logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, data_seed=0,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None, dataloader_drop_last=True,
+        ddp_find_unused_parameters=False,
     )  # fmt: skip
     trainer = xtoken.DistillationTrainer(
         student, args, teachers=make_teachers(teachers, student_tok), student_tokenizer=student_tok,

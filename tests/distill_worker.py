@@ -25,6 +25,9 @@ def main() -> None:
         weights = [p.detach().double().sum().item() for p in trainer.model.parameters()]
         with open(output, "w", encoding="utf-8") as f:
             json.dump({"logs": training_logs(trainer), "weights": weights}, f)
+    # Leave together and close the process group, so no rank exits with gloo threads still running.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
