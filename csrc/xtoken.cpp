@@ -55,6 +55,28 @@ TORCH_LIBRARY(xtoken, m) {
   m.def(
       "align_spans(Tensor student_ends, Tensor student_lengths, bool student_left_padded, Tensor teacher_ends, "
       "Tensor teacher_lengths, bool teacher_left_padded) -> (Tensor chunks, Tensor counts, Tensor dropped)");
+  // The hybrid loss per chunk (SPEC.md §4: GOLD, H-KL; ULD with no pairs): losses [K, 2] holds the matched
+  // term (column 0) and the sorted-L1 term (column 1), unweighted and without the tau^2 factor. pairs is an
+  // int32 [C, 2] table of (student id, teacher id); matched is 'kl' or 'jsd' (with beta); uld_topk caps
+  // the ranks of the sorted-L1 term (None: all). The LSEs are those of pkl_loss_fwd.
+  m.def(
+      "hybrid_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor chunks, Tensor pairs, "
+      "float temperature, str merge, str matched, float beta, int? uld_topk, Tensor? student_targets, "
+      "Tensor? teacher_targets) -> (Tensor losses, Tensor student_lse, Tensor teacher_lse)");
+  m.def(
+      "hybrid_loss_bwd(Tensor grad_losses, Tensor student_logits, Tensor teacher_logits, Tensor chunks, "
+      "Tensor pairs, float temperature, str merge, str matched, float beta, int? uld_topk, "
+      "Tensor? student_targets, Tensor? teacher_targets, Tensor student_lse, Tensor teacher_lse) -> Tensor");
+
+  // Same-vocabulary KD per chunk (SPEC.md §4), unreduced and without the tau^2 factor.
+  m.def(
+      "kd_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor chunks, float temperature, str merge, "
+      "Tensor? student_targets, Tensor? teacher_targets) -> (Tensor losses, Tensor student_lse, "
+      "Tensor teacher_lse)");
+  m.def(
+      "kd_loss_bwd(Tensor grad_losses, Tensor student_logits, Tensor teacher_logits, Tensor chunks, "
+      "float temperature, str merge, Tensor? student_targets, Tensor? teacher_targets, Tensor student_lse, "
+      "Tensor teacher_lse) -> Tensor");
 }
 
 }  // namespace xtoken

@@ -84,7 +84,7 @@ void check_targets(const c10::optional<at::Tensor>& targets, const char* name, i
 
 namespace {
 
-enum CheckKind { kChunk = 0, kRange = 1, kOffset = 2, kFinite = 3, kBayes = 4 };
+enum CheckKind { kChunk = 0, kRange = 1, kOffset = 2, kFinite = 3, kBayes = 4, kDistinct = 5 };
 
 #define XT_DISPATCH_VALIDATE(fn, ...)                            \
   (device_.is_cuda() ? XT_VALIDATE_CUDA(fn, __VA_ARGS__)         \
@@ -137,6 +137,16 @@ void ContentChecks::offsets(const at::Tensor& ptr, int64_t total, std::string wh
   pending_.push_back({w.str(), ptr, kOffset});
 }
 
+void ContentChecks::distinct(const at::Tensor& t, std::string what) {
+  if (skip_ || t.numel() < 2) return;
+  // Sorted, a repeated value sits next to itself; the reported element is its second copy.
+  const at::Tensor sorted = std::get<0>(t.reshape({-1}).sort());
+  const at::Tensor repeat = sorted.slice(0, 1).eq(sorted.slice(0, 0, -1)).to(at::kInt);
+  const at::Tensor none = at::scalar_tensor(-1, repeat.options().dtype(at::kLong));
+  first_bad_.push_back(at::where(repeat.any(), repeat.argmax(), none));
+  pending_.push_back({what + ": each id may appear at most once", sorted.slice(0, 1), kDistinct});
+}
+
 void ContentChecks::finite_nonnegative(const at::Tensor& t, std::string what) {
   if (skip_ || t.numel() == 0) return;
   first_bad_.push_back(XT_DISPATCH_VALIDATE(first_negative_or_nonfinite, t));
@@ -171,6 +181,8 @@ void ContentChecks::raise_if_failed() {
         msg << " after chunk " << b[i] - 1 << " = (" << prev[0] << ", " << prev[1] << ", " << prev[2] << ", "
             << prev[3] << ")";
       }
+    } else if (p.kind == kDistinct) {
+      msg << "id " << src.reshape({-1})[b[i]].item<int64_t>() << " appears more than once";
     } else {
       const at::Tensor flat = src.reshape({-1});
       msg << "element " << b[i] << " is " << flat[b[i]].item<double>();

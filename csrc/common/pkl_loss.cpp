@@ -1,85 +1,27 @@
 // Host-side preparation of the P-KL ops, shared by the CPU and CUDA implementations.
 #include "xtoken/pkl_loss.h"
 
-#include "xtoken/checks.h"
-
 namespace xtoken {
-
-at::ScalarType accumulate_type(at::ScalarType logits_dtype) {
-  return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 PklInputs prepare_pkl(const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& chunks,
                       const at::Tensor& proj_idx, const at::Tensor& proj_val, const at::Tensor& proj_col_ptr,
                       const at::Tensor& proj_col_src, const at::Tensor& proj_col_val, double temperature,
                       c10::string_view merge, const c10::optional<at::Tensor>& student_targets,
                       const c10::optional<at::Tensor>& teacher_targets) {
-  check_logits(student_logits, "student_logits");
-  check_logits(teacher_logits, "teacher_logits");
-  check_same_device(student_logits, "student_logits", teacher_logits, "teacher_logits");
-  TORCH_CHECK(teacher_logits.scalar_type() == student_logits.scalar_type(), "teacher_logits: expected the dtype of ",
-              "student_logits (", student_logits.scalar_type(), "), got ", teacher_logits.scalar_type());
-  check_chunk_table(chunks);
-  check_same_device(student_logits, "student_logits", chunks, "chunks");
-  check_temperature(temperature);
-  const Merge m = parse_merge(merge);
-  const int64_t N_s = student_logits.size(0), V_s = student_logits.size(1);
-  const int64_t N_t = teacher_logits.size(0), V_t = teacher_logits.size(1);
-  TORCH_CHECK(N_s < (int64_t(1) << 31) && N_t < (int64_t(1) << 31), "logits: more than 2^31 - 1 rows");
-  check_targets(student_targets, "student_targets", N_s, m);
-  check_targets(teacher_targets, "teacher_targets", N_t, m);
-
   ContentChecks checks(student_logits.device());
   PklInputs in;
-  in.W = prepare_projection(proj_idx, proj_val, proj_col_ptr, proj_col_src, proj_col_val, V_s, V_t, student_logits,
-                            checks);
-  in.student_logits = student_logits.contiguous();
-  in.teacher_logits = teacher_logits.contiguous();
-  in.chunks = chunks.contiguous();
-  checks.chunks(in.chunks, N_s, N_t, /*student_rows_disjoint=*/true);
-  if (m == Merge::Bayes) {
-    check_same_device(student_logits, "student_logits", *student_targets, "student_targets");
-    check_same_device(student_logits, "student_logits", *teacher_targets, "teacher_targets");
-    in.student_targets = student_targets->contiguous();
-    in.teacher_targets = teacher_targets->contiguous();
-    checks.bayes_targets(in.chunks, 0, in.student_targets, V_s, "student_targets");
-    checks.bayes_targets(in.chunks, 1, in.teacher_targets, V_t, "teacher_targets");
-  }
+  static_cast<LossInputs&>(in) =
+      prepare_loss(student_logits, teacher_logits, chunks, temperature, merge, student_targets, teacher_targets, checks);
+  in.W = prepare_projection(proj_idx, proj_val, proj_col_ptr, proj_col_src, proj_col_val, student_logits.size(1),
+                            teacher_logits.size(1), student_logits, checks);
   checks.raise_if_failed();
-  in.inv_tau = 1.0 / temperature;
-  in.merge = m;
   return in;
-}
-
-void check_pkl_bwd_args(const at::Tensor& grad_losses, const at::Tensor& student_lse, const at::Tensor& teacher_lse,
-                        const PklInputs& in) {
-  const int64_t K = in.chunks.size(0);
-  TORCH_CHECK(grad_losses.dim() == 1 && grad_losses.size(0) == K, "grad_losses: expected shape [", K, "], got ",
-              grad_losses.sizes());
-  TORCH_CHECK(student_lse.dim() == 1 && student_lse.size(0) == in.student_logits.size(0) && teacher_lse.dim() == 1 &&
-                  teacher_lse.size(0) == in.teacher_logits.size(0),
-              "student_lse/teacher_lse: expected the [N_s] and [N_t] tensors saved by pkl_loss_fwd, got ",
-              student_lse.sizes(), " and ", teacher_lse.sizes());
-  check_same_device(in.student_logits, "student_logits", grad_losses, "grad_losses");
-  check_same_device(in.student_logits, "student_logits", student_lse, "student_lse");
-  check_same_device(in.student_logits, "student_logits", teacher_lse, "teacher_lse");
 }
 
 PklParams PklInputs::params() const {
   PklParams p{};
-  p.student_logits = student_logits.data_ptr();
-  p.teacher_logits = teacher_logits.data_ptr();
-  p.N_s = student_logits.size(0);
-  p.V_s = student_logits.size(1);
-  p.N_t = teacher_logits.size(0);
-  p.V_t = teacher_logits.size(1);
-  p.chunks = reinterpret_cast<const Chunk*>(chunks.data_ptr<int32_t>());
-  p.K = chunks.size(0);
+  static_cast<LossParams&>(p) = LossInputs::params();
   p.W = W.view();
-  p.inv_tau = inv_tau;
-  p.merge = merge;
-  p.student_targets = student_targets.defined() ? student_targets.data_ptr<int64_t>() : nullptr;
-  p.teacher_targets = teacher_targets.defined() ? teacher_targets.data_ptr<int64_t>() : nullptr;
   return p;
 }
 

@@ -18,7 +18,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "xtoken/cuda_utils.cuh"
+#include "xtoken/cuda_pooling.cuh"
 #include "xtoken/pkl_loss.h"
 
 namespace xtoken {
@@ -26,73 +26,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 512;
-
-__device__ __forceinline__ bool chunk_ok(const Chunk& c, int64_t N_s, int64_t N_t) {
-  return c.s0 >= 0 && c.s0 < c.s1 && c.s1 <= N_s && c.t0 >= 0 && c.t0 < c.t1 && c.t1 <= N_t;
-}
-
-// The pooled rows of one side of a chunk: the probability of token v under pool(rows) without the
-// bayes prefix factor c (first: row r0; bayes: the last row; mean: the average of all rows).
-template <typename T, typename A>
-struct Pooled {
-  const T* __restrict__ z;  // first row used
-  int64_t V;
-  A inv_tau;
-  A L;                       // its logsumexp (first, bayes)
-  const A* lse;              // the rows' logsumexps (mean); written by this kernel: not __restrict__
-  int32_t m;                 // rows averaged (mean), 0 otherwise
-
-  __device__ __forceinline__ A prob(int64_t v) const {
-    if (m == 0) return dexp(static_cast<A>(z[v]) * inv_tau - L);
-    A p = 0;
-    for (int32_t i = 0; i < m; ++i) p += dexp(static_cast<A>(z[i * V + v]) * inv_tau - lse[i]);
-    return p / A(m);
-  }
-};
-
-// One side of the chunks as the kernels see it.
-template <typename T, typename A>
-struct Side {
-  const T* __restrict__ z;
-  int64_t V;
-  A inv_tau;
-  Merge merge;
-  const int64_t* __restrict__ targets;
-  A* lse;  // written by the forward kernel itself
-
-  __device__ const T* row(int64_t r) const { return z + r * V; }
-  __device__ int32_t lse_end(const int32_t r0, const int32_t r1) const { return merge == Merge::First ? r0 + 1 : r1; }
-  __device__ int32_t pooled_row(const int32_t r0, const int32_t r1) const {
-    return merge == Merge::Bayes ? r1 - 1 : r0;
-  }
-
-  // log c of merge="bayes" (0 otherwise), computed by one thread.
-  __device__ A log_prefix(int32_t r0, int32_t r1) const {
-    A log_c = 0;
-    if (merge == Merge::Bayes) {
-      for (int32_t r = r0; r < r1 - 1; ++r) {
-        const int64_t x = targets[r];
-        log_c += (x >= 0 && x < V) ? static_cast<A>(row(r)[x]) * inv_tau - lse[r] : nan_value<A>();
-      }
-    }
-    return log_c;
-  }
-
-  // The pooled rows of a chunk (call after the lse values are written).
-  __device__ Pooled<T, A> pooled(int32_t r0, int32_t r1) const {
-    if (merge == Merge::Mean) return {row(r0), V, inv_tau, A(0), lse + r0, r1 - r0};
-    const int32_t r = pooled_row(r0, r1);
-    return {row(r), V, inv_tau, lse[r], nullptr, 0};
-  }
-
-  // Writes the logsumexp of every row the pooling reads (the whole block takes part).
-  __device__ void compute_lse(int32_t r0, int32_t r1, A* scratch) const {
-    for (int32_t r = r0; r < lse_end(r0, r1); ++r) {
-      const A L = row_lse(row(r), V, inv_tau, scratch);
-      if (threadIdx.x == 0) lse[r] = L;
-    }
-  }
-};
 
 // q'[t] = sum over column t of W[s, t] * student.prob(s), before the bayes factor c.
 template <typename T, typename A>
@@ -151,9 +84,9 @@ __global__ void __launch_bounds__(kThreads) pkl_fwd_kernel(PklParams p, Side<T, 
   if (threadIdx.x == 0) losses[k] = acc;
 }
 
-// h[s] = sum_j W[s, j] g[idx_j]. g is written by the same kernel: no __restrict__, so the loads do not
-// go through the read-only cache, which is not coherent with those writes.
+// h[s] = sum_j W[s, j] g[idx_j]
 template <typename A>
+// g is written by the same kernel: no __restrict__, so its loads skip the (non-coherent) read-only cache.
 __device__ __forceinline__ A gather_row(const ProjectionView& W, const A* g, int64_t s, int64_t V_t) {
   A h = 0;
   const int32_t* idx = W.idx + s * W.P;
@@ -165,13 +98,6 @@ __device__ __forceinline__ A gather_row(const ProjectionView& W, const A* g, int
   return h;
 }
 
-template <typename T>
-__device__ void zero_rows(T* base, int64_t V, int64_t r0, int64_t r1) {
-  const int64_t n = (r1 - r0) * V;
-  T* out = base + r0 * V;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = T(0);
-}
-
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) pkl_bwd_kernel(PklParams p, Side<T, A> student, Side<T, A> teacher,
                                                           A* workspace) {
@@ -180,14 +106,11 @@ __global__ void __launch_bounds__(kThreads) pkl_bwd_kernel(PklParams p, Side<T, 
   A* g = workspace + static_cast<int64_t>(blockIdx.x) * p.V_t;
   T* dz = static_cast<T*>(p.grad_student);
   const A* grad_losses = static_cast<const A*>(p.grad_losses);
-  const A inv_tau = student.inv_tau;
 
   for (int64_t k = blockIdx.x; k < p.K; k += gridDim.x) {
     const Chunk c = p.chunks[k];
     if (!chunk_ok(c, p.N_s, p.N_t)) continue;  // only reachable when the host checks were skipped
-    const int64_t prev_end = k == 0 ? 0 : p.chunks[k - 1].s1;
-    if (prev_end >= 0 && prev_end <= c.s0) zero_rows(dz, p.V_s, prev_end, c.s0);
-    if (k == p.K - 1) zero_rows(dz, p.V_s, c.s1, p.N_s);
+    zero_rows_around_chunk<T>(p, k);
     if (threadIdx.x == 0) {
       shared_log_c[0] = student.log_prefix(c.s0, c.s1);
       shared_log_c[1] = teacher.log_prefix(c.t0, c.t1);
@@ -210,70 +133,11 @@ __global__ void __launch_bounds__(kThreads) pkl_bwd_kernel(PklParams p, Side<T, 
     }
     const A D = block_sum(d_acc, scratch);  // also orders the g writes before the reads below
 
-    // Pass 2: the gradient rows.
-    const int64_t Vs = p.V_s;
-    if (p.merge == Merge::First) {
-      const A L = student.lse[c.s0];
-      const T* z = student.row(c.s0);
-      T* out = dz + c.s0 * Vs;
-      for (int64_t s = threadIdx.x; s < Vs; s += blockDim.x) {
-        const A p_s = dexp(static_cast<A>(z[s]) * inv_tau - L);
-        out[s] = static_cast<T>(inv_tau * p_s * (gather_row(p.W, g, s, p.V_t) - D));
-      }
-      zero_rows(dz, Vs, c.s0 + 1, c.s1);
-    } else if (p.merge == Merge::Mean) {
-      const A scale = inv_tau / A(c.s1 - c.s0);
-      for (int32_t r = c.s0; r < c.s1; ++r) {
-        const A L = student.lse[r];
-        const T* z = student.row(r);
-        A d_row = 0;
-        for (int64_t s = threadIdx.x; s < Vs; s += blockDim.x) {
-          d_row += dexp(static_cast<A>(z[s]) * inv_tau - L) * gather_row(p.W, g, s, p.V_t);
-        }
-        d_row = block_sum(d_row, scratch);
-        T* out = dz + r * Vs;
-        for (int64_t s = threadIdx.x; s < Vs; s += blockDim.x) {
-          const A p_s = dexp(static_cast<A>(z[s]) * inv_tau - L);
-          out[s] = static_cast<T>(scale * p_s * (gather_row(p.W, g, s, p.V_t) - d_row));
-        }
-      }
-    } else {  // Bayes: D is u = <p_last, h>
-      const int32_t last = c.s1 - 1;
-      const A L = student.lse[last];
-      const T* z = student.row(last);
-      T* out = dz + last * Vs;
-      for (int64_t s = threadIdx.x; s < Vs; s += blockDim.x) {
-        const A p_s = dexp(static_cast<A>(z[s]) * inv_tau - L);
-        out[s] = static_cast<T>(inv_tau * c_s * p_s * (gather_row(p.W, g, s, p.V_t) - D));
-      }
-      const A coef = inv_tau * c_s * D;
-      for (int32_t r = c.s0; r < last; ++r) {
-        const A Lr = student.lse[r];
-        const T* zr = student.row(r);
-        const int64_t x = student.targets[r];
-        T* o = dz + r * Vs;
-        for (int64_t s = threadIdx.x; s < Vs; s += blockDim.x) {
-          const A pr = dexp(static_cast<A>(zr[s]) * inv_tau - Lr);
-          o[s] = static_cast<T>(coef * ((s == x ? A(1) : A(0)) - pr));
-        }
-      }
-    }
+    // Pass 2: the gradient rows, h[s] = sum_j W[s, j] g[idx_j].
+    const auto h = [&](int64_t s) { return gather_row(p.W, g, s, p.V_t); };
+    student.pool_backward(dz, h, c.s0, c.s1, c_s, D, scratch);
     __syncthreads();  // the next chunk overwrites g
   }
-}
-
-template <typename T>
-Side<T, at::opmath_type<T>> student_side(const PklParams& p) {
-  using A = at::opmath_type<T>;
-  return {static_cast<const T*>(p.student_logits), p.V_s, A(p.inv_tau), p.merge, p.student_targets,
-          static_cast<A*>(p.student_lse)};
-}
-
-template <typename T>
-Side<T, at::opmath_type<T>> teacher_side(const PklParams& p) {
-  using A = at::opmath_type<T>;
-  return {static_cast<const T*>(p.teacher_logits), p.V_t, A(p.inv_tau), p.merge, p.teacher_targets,
-          static_cast<A*>(p.teacher_lse)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pkl_loss_fwd_cuda(
@@ -284,23 +148,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pkl_loss_fwd_cuda(
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const PklInputs in = prepare_pkl(student_logits, teacher_logits, chunks, proj_idx, proj_val, proj_col_ptr,
                                    proj_col_src, proj_col_val, temperature, merge, student_targets, teacher_targets);
-  const auto acc = student_logits.options().dtype(accumulate_type(student_logits.scalar_type()));
-  at::Tensor losses = at::empty({chunks.size(0)}, acc);
-  at::Tensor lse_s = at::zeros({student_logits.size(0)}, acc);
-  at::Tensor lse_t = at::zeros({teacher_logits.size(0)}, acc);
-  if (chunks.size(0) == 0) return {losses, lse_s, lse_t};
   PklParams p = in.params();
-  p.losses = losses.data_ptr();
-  p.student_lse = lse_s.data_ptr();
-  p.teacher_lse = lse_t.data_ptr();
+  const ForwardOutputs out = allocate_forward(in, {p.K}, p);
+  if (p.K == 0) return {out.losses, out.student_lse, out.teacher_lse};
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "pkl_loss_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    pkl_fwd_kernel<scalar_t, A><<<static_cast<unsigned>(p.K), kThreads, 0, stream>>>(p, student_side<scalar_t>(p),
-                                                                                  teacher_side<scalar_t>(p));
+    pkl_fwd_kernel<scalar_t, A><<<static_cast<unsigned>(p.K), kThreads, 0, stream>>>(
+        p, Side<scalar_t, A>::student(p), Side<scalar_t, A>::teacher(p));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {losses, lse_s, lse_t};
+  return {out.losses, out.student_lse, out.teacher_lse};
 }
 
 at::Tensor pkl_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& student_logits,
@@ -313,18 +171,9 @@ at::Tensor pkl_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& st
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const PklInputs in = prepare_pkl(student_logits, teacher_logits, chunks, proj_idx, proj_val, proj_col_ptr,
                                    proj_col_src, proj_col_val, temperature, merge, student_targets, teacher_targets);
-  check_pkl_bwd_args(grad_losses, student_lse, teacher_lse, in);
-  const auto acc = accumulate_type(student_logits.scalar_type());
-  const at::Tensor g = grad_losses.to(acc).contiguous();
-  const at::Tensor ls = student_lse.to(acc).contiguous();
-  const at::Tensor lt = teacher_lse.to(acc).contiguous();
-  at::Tensor grad = at::empty_like(in.student_logits);
-  if (chunks.size(0) == 0) return grad.zero_();
   PklParams p = in.params();
-  p.grad_losses = g.data_ptr();
-  p.student_lse = const_cast<void*>(ls.data_ptr());
-  p.teacher_lse = const_cast<void*>(lt.data_ptr());
-  p.grad_student = grad.data_ptr();
+  const BackwardTensors t = bind_backward(grad_losses, student_lse, teacher_lse, {p.K}, in, "pkl_loss_fwd", p);
+  if (p.K == 0) return t.grad_student;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "pkl_loss_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -334,12 +183,12 @@ at::Tensor pkl_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& st
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     // Two resident blocks per SM keep the memory system busy; more would only grow the workspace.
     const int64_t blocks = std::min<int64_t>(p.K, static_cast<int64_t>(sms) * std::max(1, std::min(per_sm, 2)));
-    at::Tensor workspace = at::empty({blocks, p.V_t}, in.student_logits.options().dtype(acc));
-    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, student_side<scalar_t>(p),
-                                                                 teacher_side<scalar_t>(p), workspace.data_ptr<A>());
+    at::Tensor workspace = at::empty({blocks, p.V_t}, t.student_lse.options());
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        p, Side<scalar_t, A>::student(p), Side<scalar_t, A>::teacher(p), workspace.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return grad;
+  return t.grad_student;
 }
 
 }  // namespace

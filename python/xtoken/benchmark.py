@@ -1,10 +1,11 @@
-"""The microbenchmark harness: timing, peak memory, CSV rows; and the P-KL comparison that
-``xtoken bench pkl`` and ``bench/bench_pkl_loss.py`` run."""
+"""The microbenchmark harness: timing, peak memory, CSV rows; the P-KL comparison that ``xtoken bench pkl``
+and ``bench/bench_pkl_loss.py`` run, and the GOLD comparison with TRL of ``bench/bench_gold.py``."""
 
 from __future__ import annotations
 
 import csv
 import ctypes
+import functools
 import gc
 import os
 import statistics
@@ -17,11 +18,13 @@ from typing import Callable
 import torch
 
 from . import reference
-from .baselines import coo_transpose, nemo_style_pkl_loss
+from .baselines import (
+    coo_transpose, gold_batch, nemo_style_pkl_loss, trl_chunks, trl_gold_loss, trl_uld_loss, xtoken_gold_as_trl,
+)  # fmt: skip
 from .losses import pkl_loss
 from .testing import random_chunks, random_projection
 
-__all__ = ["Measurement", "measure", "append_csv", "run_pkl_benchmark"]
+__all__ = ["Measurement", "measure", "append_csv", "run_pkl_benchmark", "run_gold_benchmark"]
 
 H200_COPY_BANDWIDTH = 4.3e12  # bytes/s, device-to-device copy measured on this workplace's H200s
 
@@ -68,7 +71,7 @@ def _release_freed_memory_to_os() -> None:
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak memory of one call of ``fn`` above what was allocated before it (outputs included). On the
-    CPU this reads the resident set, so call it in a process of its own (see ``_pkl_memory_probe``)."""
+    CPU this reads the resident set, so call it in a process of its own (see ``peak_in_subprocess``)."""
     gc.collect()
     if device.type == "cpu":
         _release_freed_memory_to_os()
@@ -182,15 +185,17 @@ def _pkl_memory_probe(impl: str, V_s: int, V_t: int, rows: int, dtype: str) -> i
     return peak_extra_bytes(fn, torch.device("cpu"))
 
 
-def _cpu_peak_in_subprocess(impl: str, V_s: int, V_t: int, rows: int, dtype: torch.dtype) -> Callable[[], int]:
-    def probe() -> int:
-        code = ("import sys, xtoken.benchmark as b; "
-                f"print(b._pkl_memory_probe({impl!r}, {V_s}, {V_t}, {rows}, {str(dtype).replace('torch.', '')!r}))")
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
+def peak_in_subprocess(probe: str) -> Callable[[], int]:
+    """A ``peak()`` for :func:`measure` that runs ``probe``, an expression over this module (as ``b``) that
+    returns a peak in bytes, in a fresh process: the CPU high-water mark then sees that one call only."""
+
+    def run() -> int:
+        code = f"import sys, xtoken.benchmark as b; print({probe})"
+        env = dict(os.environ, PYTHONWARNINGS="ignore", TRL_EXPERIMENTAL_SILENCE="1")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         return int(out.stdout.strip().splitlines()[-1])
 
-    return probe
+    return run
 
 
 def _fwd_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], zs: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -236,7 +241,8 @@ def run_pkl_benchmark(*, quick: bool = False, device: str | None = None, csv_pat
             results = {}
             for name, fn in impls.items():
                 reps = 1 if name == "reference" else repeats
-                peak = _cpu_peak_in_subprocess(name, V_s, V_t, n, dtype) if dev.type == "cpu" else None
+                probe = f"b._pkl_memory_probe({name!r}, {V_s}, {V_t}, {n}, {str(dtype).replace('torch.', '')!r})"
+                peak = peak_in_subprocess(probe) if dev.type == "cpu" else None
                 m = measure("pkl_loss", name, _fwd_bwd(fn, zs), device=dev, dtype=dtype, shape=shape, repeats=reps,
                             warmup=0 if name == "reference" else 1, extra={"agreement_vs_nemo": f"{agree:.1e}"},
                             peak=peak)
@@ -256,5 +262,191 @@ def run_pkl_benchmark(*, quick: bool = False, device: str | None = None, csv_pat
                 append_csv(csv_path, list(results.values()))
     print("speedup = that implementation's time / xtoken's time; x grad = peak extra memory / gradient size")
     if csv_path:
+        print(f"appended {len(rows)} rows to {csv_path}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ GOLD vs TRL
+
+GOLD_VOCABS = (128_256, 151_936)  # Llama-3.2 and Qwen logit widths
+GOLD_PROMPTS = ("Summarize the report below.\n", "Tell the story of the landing.\n")
+_GOLD_SENTENCES = (
+    "The quarterly report for 2024 showed revenue of $12,345,678, up 17.5% from 2023.",
+    "Analysts at Morgan Stanley said the café chain's expansion into Zürich and São Paulo was ahead of schedule.",
+    "Costs rose only 3.2%, while the number of stores grew from 418 to 563 in eighteen months.",
+    "In 1969, Apollo 11 landed on the Moon; about 600 million people watched the broadcast.",
+    "Neil Armstrong stepped onto the surface at 02:56 UTC on 21 July, followed by Buzz Aldrin 19 minutes later.",
+    "The lunar module, Eagle, carried 8,200 kg of propellant and returned 21.5 kg of rock and soil.",
+    "Meanwhile, Michael Collins orbited alone in Columbia, passing behind the Moon every 2 hours.",
+    "Engineers in Houston tracked telemetry from 3 ground stations: Goldstone, Madrid and Honeysuckle Creek.",
+)
+
+
+def gold_texts(student_tokenizer, target_tokens: int = 300) -> list[str]:
+    """Two completions of about ``target_tokens`` student tokens each (the sentences in two orders)."""
+    texts = []
+    for order in (_GOLD_SENTENCES, _GOLD_SENTENCES[::-1]):
+        text = ""
+        while len(student_tokenizer.encode(text)) < target_tokens:
+            text += " ".join(order) + " "
+            if len(student_tokenizer.encode(text)) > target_tokens:
+                words = text.split(" ")
+                while len(student_tokenizer.encode(" ".join(words))) > target_tokens:
+                    words.pop()
+                text = " ".join(words)
+                break
+        texts.append(text.strip())
+    return texts
+
+
+@functools.cache
+def _gold_vocabularies():
+    """The real Llama-3.2 (student) and Qwen (teacher) tokenizers and their raw common pairs (TRL's rule)."""
+    from .projection import Projection
+    from .tokenizer import load_tokenizer
+
+    student, teacher = load_tokenizer("llama3.2"), load_tokenizer("qwen")
+    V_s, V_t = GOLD_VOCABS
+    pairs = Projection.build(student, teacher, student_vocab_size=V_s, teacher_vocab_size=V_t).common_pairs("raw")
+    return student, teacher, pairs
+
+
+def _synthetic_gold_case(dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """The same shapes without the tokenizers: 2 x 300 student and 2 x 340 teacher rows, ~90% 1:1 chunks, the
+    raw pairs' count of random common pairs. Only xtoken can run on it (TRL needs the vocabularies)."""
+    from .baselines import GoldBatch
+    from .testing import random_pairs
+
+    g = torch.Generator().manual_seed(seed)
+    (V_s, V_t), B, T_s, T_t = GOLD_VOCABS, 2, 300, 340
+    chunks = random_chunks(B, T_s, T_t, one_to_one=0.9, drop=0.0, generator=g)
+    per_sequence = torch.bincount(chunks[:, 0].long() // T_s, minlength=B).double()
+    shares = 1.0 / (B * per_sequence[chunks[:, 0].long() // T_s])
+    pairs = random_pairs(V_s, V_t, 109_566, generator=g)
+    sides = []
+    for T, V in ((T_s, V_s), (T_t, V_t)):
+        ids = torch.randint(0, V, (B, T), generator=g)
+        sides.append((ids, (torch.randn(B, T, V, generator=g) * 2).to(dtype).to(device)))
+    (s_ids, zs), (t_ids, zt) = sides
+    none = torch.zeros(0)
+    batch = GoldBatch(s_ids.to(device), t_ids.to(device), none, none, none, none, zs, zt)
+    return batch, chunks.to(device), shares.to(device), pairs.to(device), 0.0
+
+
+def _gold_case(dtype: torch.dtype, device: torch.device, seed: int = 0):
+    student, teacher, pairs = _gold_vocabularies()
+    V_s, V_t = GOLD_VOCABS
+    batch = gold_batch(student, teacher, list(GOLD_PROMPTS), gold_texts(student), student_vocab_size=V_s,
+                       teacher_vocab_size=V_t, dtype=dtype, device=device,
+                       generator=torch.Generator().manual_seed(seed))
+    t0 = time.perf_counter()
+    chunks, shares = trl_chunks(batch)
+    align_ms = (time.perf_counter() - t0) * 1e3
+    return batch, chunks.to(device), shares.to(device), pairs.to(device), align_ms
+
+
+def _gold_impls(batch, chunks, shares, pairs, with_trl: bool) -> dict:
+    impls = {"xtoken": lambda z: xtoken_gold_as_trl(z, batch, chunks, shares, pairs)}
+    if with_trl:
+        student, teacher, _ = _gold_vocabularies()
+        uld = trl_uld_loss(student, teacher, device=batch.student_logits.device)
+        impls["trl"] = lambda z: trl_gold_loss(uld, batch, z)
+    return impls
+
+
+def _gold_memory_probe(impl: str, dtype: str) -> int:
+    """Runs in a fresh process: the peak extra resident memory of one forward+backward of ``impl``."""
+    try:
+        batch, chunks, shares, pairs, _ = _gold_case(getattr(torch, dtype), torch.device("cpu"))
+    except ImportError:
+        batch, chunks, shares, pairs, _ = _synthetic_gold_case(getattr(torch, dtype), torch.device("cpu"))
+    fn = _fwd_bwd(_gold_impls(batch, chunks, shares, pairs, impl == "trl")[impl], batch.student_logits)
+    return peak_extra_bytes(fn, torch.device("cpu"))
+
+
+def _loss_and_grad(loss_fn, zs: torch.Tensor) -> tuple[float, torch.Tensor]:
+    z = zs.detach().requires_grad_()
+    loss = loss_fn(z)
+    loss.backward()
+    return float(loss.detach()), z.grad
+
+
+def _has_trl() -> bool:
+    try:
+        import trl.experimental.gold.gold_trainer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_gold_benchmark(*, device: str | None = None, csv_path: str | None = None,
+                       dtypes: list[torch.dtype] | None = None, repeats: int | None = None,
+                       trl_repeats: int | None = None, threads: int | None = None) -> list[Measurement]:
+    """Forward+backward time and peak extra memory of GOLD's loss: TRL's ``ULDLoss`` (extended, hybrid,
+    bayesian merge, beta = 0) against :func:`xtoken.gold_loss` in the configuration that reproduces it, on the
+    same inputs: the real Llama-3.2 -> Qwen pair, batch 2, completions of about 300 student tokens,
+    V_s = 128,256, V_t = 151,936. xtoken's chunk table is TRL's groups (built once, outside the timing).
+    ``threads`` sets the CPU threads of both (torch's intra-op threads, which xtoken's OpenMP loops follow),
+    here and in the memory probes."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    if threads is not None:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtypes = dtypes or [torch.float32]
+    on_cpu = dev.type == "cpu"
+    repeats = repeats or (5 if on_cpu else 20)
+    trl_repeats = trl_repeats or (1 if on_cpu else 5)
+    try:
+        _gold_vocabularies()
+        real = True
+    except ImportError as e:
+        real = False
+        print(f"no real vocabularies ({e}): timing xtoken alone on synthetic chunks of the same shapes")
+    with_trl = real and _has_trl()
+    if real and not with_trl:
+        print("TRL is not installed (pip install trl): timing xtoken alone")
+    rows: list[Measurement] = []
+    print(f"GOLD forward+backward on {_device_name(dev)}: TRL's ULDLoss vs xtoken.gold_loss (parity configuration)")
+    for dtype in dtypes:
+        batch, chunks, shares, pairs, align_ms = (_gold_case if real else _synthetic_gold_case)(dtype, dev)
+        zs = batch.student_logits
+        grad_mb = zs.numel() * zs.element_size() / 2**20
+        B, T_s, V_s = zs.shape
+        shape = (f"B={B} T_s={T_s} T_t={batch.teacher_logits.shape[1]} K={chunks.shape[0]} C={pairs.shape[0]} "
+                 f"V_s={V_s} V_t={batch.teacher_logits.shape[2]}")
+        impls = _gold_impls(batch, chunks, shares, pairs, with_trl)
+        extra = {"align_ms": f"{align_ms:.1f}", "inputs": "llama3.2->qwen" if real else "synthetic"}
+        if "trl" in impls:
+            (ours, g_ours), (theirs, g_theirs) = (_loss_and_grad(impls[name], zs) for name in ("xtoken", "trl"))
+            extra["rel_loss_vs_trl"] = f"{abs(ours - theirs) / abs(theirs):.1e}"
+            extra["rel_grad_vs_trl"] = f"{float((g_ours - g_theirs).norm() / g_theirs.norm()):.1e}"
+        results = {}
+        for name, fn in impls.items():
+            reps, warmup = (trl_repeats, 0 if on_cpu else 1) if name == "trl" else (repeats, 1)
+            probe = f"b._gold_memory_probe({name!r}, {str(dtype).replace('torch.', '')!r})"
+            peak = peak_in_subprocess(probe) if on_cpu else None
+            m = measure("gold_loss", name, _fwd_bwd(fn, zs), device=dev, dtype=dtype, shape=shape, repeats=reps,
+                        warmup=warmup, extra=extra, peak=peak)
+            m.extra["peak_over_grad"] = f"{m.peak_extra_mb / grad_mb:.2f}"
+            results[name] = m
+            rows.append(m)
+        print(f"{shape}, {dtype}")
+        print(f"{'impl':>8} {'median ms':>11} {'p20-p80 ms':>21} {'peak MB':>9} {'x grad':>7}")
+        for name, m in results.items():
+            print(f"{name:>8} {m.median_ms:>11.2f} {m.p20_ms:>10.2f}-{m.p80_ms:<10.2f} {m.peak_extra_mb:>9.1f} "
+                  f"{m.peak_extra_mb / grad_mb:>7.2f}")
+        if with_trl:
+            ours, theirs = results["xtoken"], results["trl"]
+            speedup = theirs.median_ms / ours.median_ms
+            memory = theirs.peak_extra_mb / max(ours.peak_extra_mb, 1e-9)
+            for m in results.values():
+                m.extra.update(speedup_vs_trl=f"{speedup:.1f}", memory_ratio_vs_trl=f"{memory:.2f}")
+            print(f"xtoken is {speedup:.1f}x faster than TRL and needs 1/{memory:.1f} of its peak memory; "
+                  f"agreement: loss {extra['rel_loss_vs_trl']}, gradient {extra['rel_grad_vs_trl']} relative")
+        if real:
+            print(f"(xtoken's chunk table from TRL's groups, built once outside the timing: {align_ms:.1f} ms)")
+    if csv_path:
+        append_csv(csv_path, rows)
         print(f"appended {len(rows)} rows to {csv_path}")
     return rows

@@ -10,17 +10,25 @@ __all__ = ["main"]
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="microbenchmarks of the fused losses against their baselines")
-    p.add_argument("op", choices=["pkl"], help="which loss to benchmark")
-    p.add_argument("--quick", action="store_true", help="small shapes, finishes in well under a minute on a CPU")
+    p.add_argument("op", choices=["pkl", "gold"], help="which loss to benchmark (gold: against TRL's GOLD)")
+    p.add_argument("--quick", action="store_true",
+                   help="pkl only: small shapes, finishes in well under a minute on a CPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--csv", default=None, help="append the result rows to this CSV file")
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from .benchmark import run_pkl_benchmark
+    from .benchmark import run_gold_benchmark, run_pkl_benchmark
 
-    run_pkl_benchmark(quick=args.quick, device=args.device, csv_path=args.csv)
+    if args.op == "gold":
+        if args.quick:
+            print("xtoken bench: --quick applies to pkl only (gold runs at its fixed, realistic shapes)",
+                  file=sys.stderr)
+            return 2
+        run_gold_benchmark(device=args.device, csv_path=args.csv)
+    else:
+        run_pkl_benchmark(quick=args.quick, device=args.device, csv_path=args.csv)
     return 0
 
 

@@ -3,13 +3,15 @@ cannot (Python-level types and names), calls the fused op, and reduces as SPEC.m
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import ops as _ops  # noqa: F401  (registers fakes and autograd)
 from .projection import Projection
-from .reference import MERGES, REDUCTIONS, reduce
+from .reference import MATCHED, MERGES, REDUCTIONS, hybrid_weights, reduce
 
-__all__ = ["pkl_loss", "project"]
+__all__ = ["pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "project"]
 
 
 def _rows(logits: torch.Tensor, name: str) -> torch.Tensor:
@@ -44,6 +46,193 @@ def _check_options(temperature: float, merge: str, reduction: str) -> None:
         raise ValueError(f"merge: expected one of {MERGES}, got {merge!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_hybrid_options(matched: str, beta: float, uld_topk: int | None, weights) -> None:
+    if matched not in MATCHED:
+        raise ValueError(f"matched: expected one of {MATCHED}, got {matched!r}")
+    if not (isinstance(beta, (int, float)) and 0 <= beta <= 1):
+        raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
+    if uld_topk is not None and (isinstance(uld_topk, bool) or not isinstance(uld_topk, int) or uld_topk < 1):
+        raise ValueError(f"uld_topk: expected None or an int >= 1, got {uld_topk!r}")
+    if isinstance(weights, str):
+        if weights != "adaptive":
+            raise ValueError(f"weights: expected 'adaptive' or a pair (w_c, w_u), got {weights!r}")
+        return
+    try:
+        w_c, w_u = (float(w) for w in weights)
+    except (TypeError, ValueError):
+        raise ValueError(f"weights: expected 'adaptive' or a pair of numbers (w_c, w_u), got {weights!r}") from None
+    if not (math.isfinite(w_c) and math.isfinite(w_u)):
+        raise ValueError(f"weights: expected finite numbers, got {weights!r}")
+
+
+def _pair_table(pairs, device: torch.device, kind: str) -> torch.Tensor:
+    """``pairs`` as the int32 ``[C, 2]`` table the op takes; a Projection gives its ``kind`` common pairs."""
+    if isinstance(pairs, Projection):
+        pairs = pairs.common_pairs(kind)
+    pairs = torch.as_tensor(pairs, device=device)
+    if pairs.dtype.is_floating_point or pairs.dtype == torch.bool:
+        raise TypeError(f"pairs: expected an integer [C, 2] table of (student id, teacher id), got {pairs.dtype}")
+    if pairs.numel() == 0:
+        pairs = pairs.reshape(0, 2)
+    return pairs.to(torch.int32)
+
+
+def _hybrid_loss(student_logits, teacher_logits, chunks, pairs, *, temperature, merge, matched, beta, uld_topk,
+                 weights, reduction, student_targets, teacher_targets) -> torch.Tensor:
+    _check_options(temperature, merge, reduction)
+    _check_hybrid_options(matched, beta, uld_topk, weights)
+    zs = _rows(student_logits, "student_logits")
+    zt = _rows(teacher_logits, "teacher_logits")
+    terms, _, _ = torch.ops.xtoken.hybrid_loss_fwd(
+        zs, zt, _chunk_table(chunks, zs.device), pairs, float(temperature), merge, matched, float(beta), uld_topk,
+        _targets(student_targets, "student_targets", zs.device),
+        _targets(teacher_targets, "teacher_targets", zs.device),
+    )  # fmt: skip
+    w_c, w_u = hybrid_weights(weights, pairs.shape[0], zt.shape[1])
+    return reduce(w_c * terms[:, 0] + w_u * terms[:, 1], temperature, reduction)
+
+
+_HYBRID_ARGS = """
+    Args:
+        student_logits: ``[N_s, V_s]`` or ``[B, T_s, V_s]`` (rows flattened ``b * T_s + j``), float32,
+            bfloat16 or float16. The loss is differentiable in these.
+        teacher_logits: ``[N_t, V_t]`` or ``[B, T_t, V_t]``, same dtype. Receives no gradient.
+        chunks: int32 ``[K, 4]`` rows ``(s0, s1, t0, t1)`` (see :func:`pkl_loss`).
+        pairs: the common pairs, an integer ``[C, 2]`` table of (student id, teacher id), each id at most
+            once per column, or a :class:`Projection` ({kind} pairs; computed on every call, so prefer
+            the table or the module in a training loop).
+        temperature: tau > 0; ``p = softmax(z / tau)`` and the loss is multiplied by tau^2.
+        merge: ``"first"``, ``"mean"`` or ``"bayes"`` (SPEC.md §3); ``"bayes"`` needs the targets.
+        matched: the matched term D, ``"kl"`` (p_t log(p_t / p_s), logs clamped at 1e-10) or ``"jsd"`` (TRL's
+            generalized JSD on probabilities clamped at 1e-8; ``beta=0`` forward KL, ``beta=1`` reverse KL).
+        beta: the JSD mixing coefficient in [0, 1] (read by ``matched="jsd"`` only).
+        uld_topk: the sorted-L1 term compares the top ``uld_topk`` ranks of each side (None: all).
+        weights: ``(w_c, w_u)``, or ``"adaptive"``: TRL's ``w_c = C / V_t`` (V_t the teacher logit width),
+            ``w_u = 1 - w_c``.
+        reduction: ``"mean"`` (tau^2 * sum / K), ``"sum"`` (tau^2 * sum) or ``"none"`` (tau^2 * per chunk).
+        student_targets, teacher_targets: int64 ``[N_s]`` / ``[N_t]``, the realized next token of each row
+            (-1 where none); read by ``merge="bayes"`` only.
+
+    Returns:
+        A float32 scalar (float64 for float64 logits), or ``[K]`` for ``reduction="none"``.
+        K = 0 gives 0 with zero gradients.
+
+    Equivalent to :func:`xtoken.reference.hybrid_loss`.
+"""
+
+
+def gold_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    chunks: torch.Tensor,
+    pairs,
+    *,
+    temperature: float = 1.0,
+    merge: str = "first",
+    matched: str = "kl",
+    beta: float = 0.5,
+    uld_topk: int | None = 8192,
+    weights="adaptive",
+    reduction: str = "mean",
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GOLD's hybrid loss (SPEC.md §4), fused: per chunk, ``w_c * sum_n D(p_t[t_n], p_s[s_n])`` over the common
+    pairs plus ``w_u * sum_{r<R} |a_r - b_r|`` over the uncommon tokens of each side ranked by probability.
+    Each side's top R is selected (not the whole vocabulary sorted); ties rank the lower token id first.
+    """
+    device = _rows(student_logits, "student_logits").device
+    return _hybrid_loss(
+        student_logits, teacher_logits, chunks, _pair_table(pairs, device, "exact"), temperature=temperature,
+        merge=merge, matched=matched, beta=beta, uld_topk=uld_topk, weights=weights, reduction=reduction,
+        student_targets=student_targets, teacher_targets=teacher_targets,
+    )  # fmt: skip
+
+
+def hkl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    chunks: torch.Tensor,
+    pairs,
+    *,
+    temperature: float = 1.0,
+    merge: str = "first",
+    matched: str = "kl",
+    beta: float = 0.5,
+    uld_topk: int | None = 8192,
+    weights="adaptive",
+    reduction: str = "mean",
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """X-Token's H-KL (SPEC.md §4): the hybrid loss of :func:`gold_loss` over the relaxed common pairs of W
+    (each student token whose largest weight is >= 0.6, paired with that teacher token)."""
+    device = _rows(student_logits, "student_logits").device
+    return _hybrid_loss(
+        student_logits, teacher_logits, chunks, _pair_table(pairs, device, "relaxed"), temperature=temperature,
+        merge=merge, matched=matched, beta=beta, uld_topk=uld_topk, weights=weights, reduction=reduction,
+        student_targets=student_targets, teacher_targets=teacher_targets,
+    )  # fmt: skip
+
+
+if gold_loss.__doc__ is not None:  # None under python -OO
+    gold_loss.__doc__ += _HYBRID_ARGS.format(kind="exact")
+    hkl_loss.__doc__ += _HYBRID_ARGS.format(kind="relaxed")
+
+
+def uld_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    chunks: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    merge: str = "first",
+    uld_topk: int | None = 8192,
+    reduction: str = "mean",
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ULD (SPEC.md §4): per chunk ``sum_{r<R} |a_r - b_r|`` over both full vocabularies ranked by probability
+    (the hybrid loss with no common pairs). Arguments as for :func:`gold_loss`.
+
+    Equivalent to :func:`xtoken.reference.hybrid_loss` with no pairs.
+    """
+    device = _rows(student_logits, "student_logits").device
+    return _hybrid_loss(
+        student_logits, teacher_logits, chunks, torch.zeros(0, 2, dtype=torch.int32, device=device),
+        temperature=temperature, merge=merge, matched="kl", beta=0.5, uld_topk=uld_topk, weights=(0.0, 1.0),
+        reduction=reduction, student_targets=student_targets, teacher_targets=teacher_targets,
+    )  # fmt: skip
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    chunks: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    merge: str = "first",
+    reduction: str = "mean",
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same-vocabulary KD (SPEC.md §4): per chunk the exact ``KL(p_t || p_s)`` of the pooled vectors, fused
+    (log-probabilities read off the logits; no projection, no eps). The student and teacher logits must
+    have the same width. Arguments as for :func:`pkl_loss`, without the projection.
+
+    Equivalent to :func:`xtoken.reference.kd_loss`.
+    """
+    _check_options(temperature, merge, reduction)
+    zs = _rows(student_logits, "student_logits")
+    zt = _rows(teacher_logits, "teacher_logits")
+    losses, _, _ = torch.ops.xtoken.kd_loss_fwd(
+        zs, zt, _chunk_table(chunks, zs.device), float(temperature), merge,
+        _targets(student_targets, "student_targets", zs.device),
+        _targets(teacher_targets, "teacher_targets", zs.device),
+    )  # fmt: skip
+    return reduce(losses, temperature, reduction)
 
 
 def pkl_loss(

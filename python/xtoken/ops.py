@@ -13,7 +13,10 @@ from . import _C  # noqa: F401  (loads the library; its static initializers regi
 
 __all__ = ["built_with_cuda", "cuda_kernels_registered", "OP_NAMES"]
 
-OP_NAMES = ("project_fwd", "project_bwd", "pkl_loss_fwd", "pkl_loss_bwd", "align_spans")
+OP_NAMES = (
+    "project_fwd", "project_bwd", "pkl_loss_fwd", "pkl_loss_bwd", "hybrid_loss_fwd", "hybrid_loss_bwd", "kd_loss_fwd",
+    "kd_loss_bwd", "align_spans",
+)  # fmt: skip
 
 
 def built_with_cuda() -> bool:
@@ -30,6 +33,15 @@ def cuda_kernels_registered() -> dict[str, bool]:
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_loss_fakes(student_logits, teacher_logits, loss_shape):
+    acc = _accumulate_dtype(student_logits.dtype)
+    return (
+        student_logits.new_empty(loss_shape, dtype=acc),
+        student_logits.new_empty((student_logits.shape[0],), dtype=acc),
+        teacher_logits.new_empty((teacher_logits.shape[0],), dtype=acc),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,12 +101,7 @@ def _pkl_fwd_fake(
     student_targets,
     teacher_targets,
 ):
-    acc = _accumulate_dtype(student_logits.dtype)
-    return (
-        student_logits.new_empty((chunks.shape[0],), dtype=acc),
-        student_logits.new_empty((student_logits.shape[0],), dtype=acc),
-        teacher_logits.new_empty((teacher_logits.shape[0],), dtype=acc),
-    )
+    return _chunk_loss_fakes(student_logits, teacher_logits, (chunks.shape[0],))
 
 
 @torch.library.register_fake("xtoken::pkl_loss_bwd")
@@ -121,6 +128,69 @@ def _pkl_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
 
 
 torch.library.register_autograd("xtoken::pkl_loss_fwd", _pkl_backward, setup_context=_pkl_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# hybrid_loss: per-chunk (matched, sorted-L1) terms, gradient into the student logits only
+
+
+@torch.library.register_fake("xtoken::hybrid_loss_fwd")
+def _hybrid_fwd_fake(student_logits, teacher_logits, chunks, pairs, temperature, merge, matched, beta, uld_topk,
+                     student_targets, teacher_targets):
+    return _chunk_loss_fakes(student_logits, teacher_logits, (chunks.shape[0], 2))
+
+
+@torch.library.register_fake("xtoken::hybrid_loss_bwd")
+def _hybrid_bwd_fake(grad_losses, student_logits, *args):
+    return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+
+
+def _hybrid_setup(ctx, inputs, output):
+    zs, zt, chunks, pairs, temperature, merge, matched, beta, uld_topk, ts, tt = inputs
+    _, lse_s, lse_t = output
+    ctx.mark_non_differentiable(lse_s, lse_t)
+    ctx.options = (temperature, merge, matched, beta, uld_topk)
+    ctx.save_for_backward(zs, zt, chunks, pairs, ts, tt, lse_s, lse_t)
+
+
+def _hybrid_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
+    zs, zt, chunks, pairs, ts, tt, lse_s, lse_t = ctx.saved_tensors
+    grad = torch.ops.xtoken.hybrid_loss_bwd(grad_losses, zs, zt, chunks, pairs, *ctx.options, ts, tt, lse_s, lse_t)
+    return (grad,) + (None,) * 10
+
+
+torch.library.register_autograd("xtoken::hybrid_loss_fwd", _hybrid_backward, setup_context=_hybrid_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# kd_loss: per-chunk same-vocabulary KL, gradient into the student logits only
+
+
+@torch.library.register_fake("xtoken::kd_loss_fwd")
+def _kd_fwd_fake(student_logits, teacher_logits, chunks, temperature, merge, student_targets, teacher_targets):
+    return _chunk_loss_fakes(student_logits, teacher_logits, (chunks.shape[0],))
+
+
+@torch.library.register_fake("xtoken::kd_loss_bwd")
+def _kd_bwd_fake(grad_losses, student_logits, *args):
+    return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+
+
+def _kd_setup(ctx, inputs, output):
+    zs, zt, chunks, temperature, merge, ts, tt = inputs
+    _, lse_s, lse_t = output
+    ctx.mark_non_differentiable(lse_s, lse_t)
+    ctx.options = (temperature, merge)
+    ctx.save_for_backward(zs, zt, chunks, ts, tt, lse_s, lse_t)
+
+
+def _kd_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
+    zs, zt, chunks, ts, tt, lse_s, lse_t = ctx.saved_tensors
+    grad = torch.ops.xtoken.kd_loss_bwd(grad_losses, zs, zt, chunks, *ctx.options, ts, tt, lse_s, lse_t)
+    return (grad,) + (None,) * 6
+
+
+torch.library.register_autograd("xtoken::kd_loss_fwd", _kd_backward, setup_context=_kd_setup)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,13 +10,16 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "MERGES", "REDUCTIONS", "PKL_EPS", "DROP_REASONS", "pool", "project", "pkl_chunk_losses", "pkl_loss", "reduce",
-    "align_spans",
-]
+    "MERGES", "REDUCTIONS", "MATCHED", "PKL_EPS", "JSD_CLAMP", "DROP_REASONS", "pool", "project", "pkl_chunk_losses",
+    "pkl_loss", "reduce", "matched_divergence", "sorted_l1", "hybrid_weights", "hybrid_chunk_losses", "hybrid_loss",
+    "kd_chunk_losses", "kd_loss", "align_spans",
+]  # fmt: skip
 
 MERGES = ("first", "mean", "bayes")
 REDUCTIONS = ("mean", "sum", "none")
+MATCHED = ("kl", "jsd")
 PKL_EPS = 1e-10
+JSD_CLAMP = 1e-8
 DROP_REASONS = ("no_predictor", "empty_inside", "truncated")
 
 
@@ -46,6 +49,19 @@ def project(probs: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, teacher_v
     return q
 
 
+def _pooled_rows(student_logits, teacher_logits, chunks, temperature, merge, student_targets, teacher_targets,
+                 dtype):
+    """(pooled student vector, pooled teacher vector) of every chunk (SPEC §3), in ``dtype``."""
+    zs = student_logits.reshape(-1, student_logits.shape[-1]).to(dtype)
+    zt = teacher_logits.reshape(-1, teacher_logits.shape[-1]).to(dtype)
+    ps_rows = torch.softmax(zs / temperature, dim=-1)
+    pt_rows = torch.softmax(zt / temperature, dim=-1)
+    for s0, s1, t0, t1 in chunks.tolist():
+        ts = None if student_targets is None else student_targets.reshape(-1)[s0:s1]
+        tt = None if teacher_targets is None else teacher_targets.reshape(-1)[t0:t1]
+        yield pool(ps_rows[s0:s1], merge, ts), pool(pt_rows[t0:t1], merge, tt)
+
+
 def pkl_chunk_losses(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -63,23 +79,16 @@ def pkl_chunk_losses(
 
     L(k) = sum_t p_t[t] (log p_t[t] - log(q[t] + eps)),  q = W^T p_s,  terms with p_t[t] = 0 are 0.
     """
-    zs = student_logits.reshape(-1, student_logits.shape[-1]).to(dtype)
-    zt = teacher_logits.reshape(-1, teacher_logits.shape[-1]).to(dtype)
-    ps_rows = torch.softmax(zs / temperature, dim=-1)
-    pt_rows = torch.softmax(zt / temperature, dim=-1)
     losses = []
-    for s0, s1, t0, t1 in chunks.tolist():
-        ts = None if student_targets is None else student_targets.reshape(-1)[s0:s1]
-        tt = None if teacher_targets is None else teacher_targets.reshape(-1)[t0:t1]
-        p_s = pool(ps_rows[s0:s1], merge, ts)
-        p_t = pool(pt_rows[t0:t1], merge, tt)
-        q = project(p_s, idx, val, zt.shape[-1])
+    for p_s, p_t in _pooled_rows(student_logits, teacher_logits, chunks, temperature, merge, student_targets,
+                                 teacher_targets, dtype):
+        q = project(p_s, idx, val, teacher_logits.shape[-1])
         # Where p_t is 0 the term is 0 (and must not become 0 * log 0 = NaN); elsewhere it propagates NaN.
         safe_pt = torch.where(p_t == 0, torch.ones_like(p_t), p_t)
         terms = torch.where(p_t == 0, torch.zeros_like(p_t), p_t * (safe_pt.log() - (q + PKL_EPS).log()))
         losses.append(terms.sum())
     if not losses:
-        return zs.new_zeros((0,))
+        return student_logits.new_zeros((0,), dtype=dtype)
     return torch.stack(losses)
 
 
@@ -114,6 +123,144 @@ def pkl_loss(
         student_logits, teacher_logits, chunks, idx, val, temperature=temperature, merge=merge,
         student_targets=student_targets, teacher_targets=teacher_targets, dtype=dtype,
     )  # fmt: skip
+    return reduce(losses, temperature, reduction)
+
+
+# ------------------------------------------------------------------------------------------ hybrid, ULD
+
+
+def matched_divergence(p_t: torch.Tensor, p_s: torch.Tensor, matched: str, beta: float) -> torch.Tensor:
+    """The matched term D(p_t, p_s) of SPEC §4, elementwise on raw (not renormalized) probabilities.
+
+    - ``"kl"``: ``p_t (log p_t - log p_s)`` with both logs clamped at eps = 1e-10; 0 where p_t = 0.
+    - ``"jsd"``: TRL's generalized JSD on ``p~ = max(p, 1e-8)``: beta = 0 gives ``p~_t (log p~_t - log p~_s)``,
+      beta = 1 gives ``p~_s (log p~_s - log p~_t)``, otherwise with ``m = (1 - beta) p~_s + beta p~_t``:
+      ``beta p~_t (log p~_t - log m) + (1 - beta) p~_s (log p~_s - log m)``.
+    """
+    if matched == "kl":
+        zero = p_t == 0
+        log_t = torch.where(zero, torch.ones_like(p_t), p_t).clamp_min(PKL_EPS).log()
+        return torch.where(zero, torch.zeros_like(p_t), p_t * (log_t - p_s.clamp_min(PKL_EPS).log()))
+    if matched == "jsd":
+        pt, ps = p_t.clamp_min(JSD_CLAMP), p_s.clamp_min(JSD_CLAMP)
+        if beta == 0:
+            return pt * (pt.log() - ps.log())
+        if beta == 1:
+            return ps * (ps.log() - pt.log())
+        log_m = ((1 - beta) * ps + beta * pt).log()
+        return beta * pt * (pt.log() - log_m) + (1 - beta) * ps * (ps.log() - log_m)
+    raise ValueError(f"matched must be one of {MATCHED}, got {matched!r}")
+
+
+def sorted_l1(a: torch.Tensor, b: torch.Tensor, uld_topk: int | None) -> torch.Tensor:
+    """``sum_{r < R} |a_r - b_r|`` over the two vectors sorted in descending order (ties: the lower index
+    first), the shorter zero-padded, ``R = min(uld_topk, max(len(a), len(b)))`` (SPEC §4)."""
+    n = max(a.shape[0], b.shape[0])
+    R = n if uld_topk is None else min(uld_topk, n)
+    ranked = []
+    for x in (a, b):
+        top = torch.sort(x, descending=True, stable=True).values[:R]
+        ranked.append(torch.cat([top, top.new_zeros(R - top.shape[0])]))
+    return (ranked[0] - ranked[1]).abs().sum()
+
+
+def hybrid_weights(weights, num_pairs: int, teacher_vocab_size: int) -> tuple[float, float]:
+    """(w_c, w_u): ``weights`` itself, or for ``"adaptive"`` TRL's ``w_c = C / V_t``, ``w_u = 1 - w_c`` with
+    V_t the teacher logit width."""
+    if isinstance(weights, str):
+        if weights != "adaptive":
+            raise ValueError(f"weights: expected 'adaptive' or a pair (w_c, w_u), got {weights!r}")
+        w_c = num_pairs / teacher_vocab_size
+        return w_c, 1.0 - w_c
+    w_c, w_u = weights
+    return float(w_c), float(w_u)
+
+
+def hybrid_chunk_losses(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    chunks: torch.Tensor,
+    pairs: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    merge: str = "first",
+    matched: str = "kl",
+    beta: float = 0.5,
+    uld_topk: int | None = 8192,
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The two terms of the hybrid loss per chunk (SPEC §4), unweighted and without tau^2: ``[K, 2]`` with
+    column 0 = ``sum_n D(p_t[t_n], p_s[s_n])`` over the common pairs and column 1 = the sorted L1 over the
+    uncommon sets. With no pairs, column 1 is ULD."""
+    device = student_logits.device
+    pairs = pairs.reshape(-1, 2).long().to(device)
+    V_s, V_t = student_logits.shape[-1], teacher_logits.shape[-1]
+    uncommon_s = torch.ones(V_s, dtype=torch.bool, device=device)
+    uncommon_s[pairs[:, 0]] = False
+    uncommon_t = torch.ones(V_t, dtype=torch.bool, device=device)
+    uncommon_t[pairs[:, 1]] = False
+    rows = []
+    for p_s, p_t in _pooled_rows(student_logits, teacher_logits, chunks, temperature, merge, student_targets,
+                                 teacher_targets, dtype):
+        term_c = matched_divergence(p_t[pairs[:, 1]], p_s[pairs[:, 0]], matched, beta).sum()
+        term_u = sorted_l1(p_s[uncommon_s], p_t[uncommon_t], uld_topk)
+        rows.append(torch.stack([term_c, term_u]))
+    if not rows:
+        return student_logits.new_zeros((0, 2), dtype=dtype)
+    return torch.stack(rows)
+
+
+def hybrid_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    chunks: torch.Tensor,
+    pairs: torch.Tensor,
+    *,
+    weights="adaptive",
+    reduction: str = "mean",
+    temperature: float = 1.0,
+    **kwargs,
+) -> torch.Tensor:
+    """Reduced hybrid loss ``tau^2 * (w_c term_c + w_u term_u)`` (SPEC §4); ``kwargs`` as for
+    :func:`hybrid_chunk_losses`. GOLD, H-KL and (with no pairs) ULD."""
+    terms = hybrid_chunk_losses(student_logits, teacher_logits, chunks, pairs, temperature=temperature, **kwargs)
+    w_c, w_u = hybrid_weights(weights, pairs.reshape(-1, 2).shape[0], teacher_logits.shape[-1])
+    return reduce(w_c * terms[:, 0] + w_u * terms[:, 1], temperature, reduction)
+
+
+# ------------------------------------------------------------------------------------------ KD
+
+
+def kd_chunk_losses(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    chunks: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    merge: str = "first",
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Same-vocabulary KD per chunk (SPEC §4), without tau^2: ``sum_{v : p_t[v] != 0} p_t[v] (log p_t[v] -
+    log p_s[v])``, the exact KL of the pooled vectors (no eps)."""
+    losses = []
+    for p_s, p_t in _pooled_rows(student_logits, teacher_logits, chunks, temperature, merge, student_targets,
+                                 teacher_targets, dtype):
+        zero = p_t == 0
+        safe_t = torch.where(zero, torch.ones_like(p_t), p_t)
+        losses.append(torch.where(zero, torch.zeros_like(p_t), p_t * (safe_t.log() - p_s.log())).sum())
+    if not losses:
+        return student_logits.new_zeros((0,), dtype=dtype)
+    return torch.stack(losses)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunks: torch.Tensor, *,
+            reduction: str = "mean", temperature: float = 1.0, **kwargs) -> torch.Tensor:
+    """Reduced KD (SPEC §4); ``kwargs`` as for :func:`kd_chunk_losses`."""
+    losses = kd_chunk_losses(student_logits, teacher_logits, chunks, temperature=temperature, **kwargs)
     return reduce(losses, temperature, reduction)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from .projection import Projection
 
-__all__ = ["random_projection", "random_chunks", "random_targets", "CHUNK_SHAPES"]
+__all__ = ["random_projection", "random_chunks", "random_targets", "random_pairs", "CHUNK_SHAPES"]
 
 # (student rows, teacher rows) of a chunk: 1:1, 1:N, M:1, M:N.
 CHUNK_SHAPES = ((1, 1), (1, 2), (1, 3), (2, 1), (3, 1), (2, 2), (2, 3), (3, 2))
@@ -80,3 +80,12 @@ def random_chunks(
 def random_targets(rows: int, vocab: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Realized next tokens of ``rows`` rows (int64, in [0, vocab))."""
     return torch.randint(0, vocab, (rows,), generator=generator, dtype=torch.int64)
+
+
+def random_pairs(student_vocab: int, teacher_vocab: int, count: int, *,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """``count`` one-to-one common pairs (int32 ``[count, 2]``, sorted by student id): distinct random student
+    ids matched with distinct random teacher ids."""
+    students = torch.randperm(student_vocab, generator=generator)[:count].sort().values
+    teachers = torch.randperm(teacher_vocab, generator=generator)[:count]
+    return torch.stack([students, teachers], dim=1).to(torch.int32)

@@ -34,6 +34,8 @@ class ContentChecks {
   void index_range(const at::Tensor& t, int64_t lo, int64_t hi, std::string what);
   // a non-decreasing offset table from 0 to `total`.
   void offsets(const at::Tensor& ptr, int64_t total, std::string what);
+  // no value of a 1-D integer tensor appears twice.
+  void distinct(const at::Tensor& t, std::string what);
   // every element finite and >= 0.
   void finite_nonnegative(const at::Tensor& t, std::string what);
   // merge="bayes": the realized target of every prefix row of every chunk (all rows but the last)

@@ -6,7 +6,7 @@
 #if defined(__CUDACC__)
 #define XT_HD __host__ __device__ __forceinline__
 #else
-#define XT_HD inline
+#define XT_HD inline __attribute__((always_inline))
 #endif
 
 namespace xtoken {

@@ -2,7 +2,8 @@
 // loop; these inline forms vectorize (SSE2, or AVX2 + FMA when setup.py enables x86-64-v3).
 // Accuracy: about 1 ulp over the ranges used (Cephes polynomials). exp flushes results below
 // FLT_MIN to 0 (the probabilities those would be contribute nothing in float32); NaN propagates.
-// The double overloads forward to libm, for the float64 path that gradcheck uses.
+// The double overloads forward to libm, for the float64 path that gradcheck uses. Forced inline: GCC may
+// otherwise call them out of line from a loop it vectorizes, and run it scalar.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -19,7 +20,7 @@ inline float bits_to_float(int32_t i) { return __builtin_bit_cast(float, i); }
 
 inline int32_t float_to_bits(float f) { return __builtin_bit_cast(int32_t, f); }
 
-inline float exp(float x) {
+__attribute__((always_inline)) inline float exp(float x) {
   constexpr float kHi = 88.3762626647949f;
   constexpr float kLo = -87.3365447504019f;
   constexpr float kLog2e = 1.44269504088896341f;
@@ -43,7 +44,7 @@ inline float exp(float x) {
   return x != x ? x : out;
 }
 
-inline float log(float x) {
+__attribute__((always_inline)) inline float log(float x) {
   constexpr float kMinNormal = 1.17549435e-38f;
   const bool denormal = x < kMinNormal;
   const float xs = denormal ? x * 8388608.0f : x;  // scale denormals by 2^23

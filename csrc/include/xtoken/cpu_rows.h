@@ -25,6 +25,20 @@ using acc_t = at::opmath_type<T>;
 // at the level of one block.
 constexpr int64_t kSumBlock = 512;
 
+// sum_{i < n} term(i), blocked like the row sums: a vectorized A sum per block, the totals added in double.
+template <typename A, typename Term>
+A blocked_sum(int64_t n, const Term& term) {
+  double total = 0;
+  for (int64_t b = 0; b < n; b += kSumBlock) {
+    const int64_t e = b + kSumBlock < n ? b + kSumBlock : n;
+    A s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = b; i < e; ++i) s += term(i);
+    total += s;
+  }
+  return static_cast<A>(total);
+}
+
 // logsumexp(z * inv_tau) of one row.
 template <typename T, typename A>
 A row_lse(const T* z, int64_t V, A inv_tau) {

@@ -1,0 +1,166 @@
+// The chunk pooling of SPEC.md §3 on the GPU, shared by every chunked loss (the formulas and their
+// backward are those of cpu_pooling.h). A Side is one side (student or teacher) of the chunks; its
+// methods are called by a whole block working on one chunk.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include "xtoken/cuda_utils.cuh"
+#include "xtoken/loss.h"
+
+namespace xtoken {
+namespace cuda {
+
+__device__ __forceinline__ bool chunk_ok(const Chunk& c, int64_t N_s, int64_t N_t) {
+  return c.s0 >= 0 && c.s0 < c.s1 && c.s1 <= N_s && c.t0 >= 0 && c.t0 < c.t1 && c.t1 <= N_t;
+}
+
+template <typename T>
+__device__ void zero_rows(T* base, int64_t V, int64_t r0, int64_t r1) {
+  const int64_t n = (r1 - r0) * V;
+  T* out = base + r0 * V;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = T(0);
+}
+
+// The student gradient rows no chunk owns, around chunk k (see the CPU version in cpu_pooling.h).
+template <typename T>
+__device__ void zero_rows_around_chunk(const LossParams& p, int64_t k) {
+  T* dz = static_cast<T*>(p.grad_student);
+  const Chunk c = p.chunks[k];
+  const int64_t prev_end = k == 0 ? 0 : p.chunks[k - 1].s1;
+  if (prev_end >= 0 && prev_end <= c.s0) zero_rows(dz, p.V_s, prev_end, c.s0);
+  if (k == p.K - 1) zero_rows(dz, p.V_s, c.s1, p.N_s);
+}
+
+// The pooled rows of one side of a chunk: the probability of token v under pool(rows) without the
+// bayes prefix factor c (first: row r0; bayes: the last row; mean: the average of all rows).
+template <typename T, typename A>
+struct Pooled {
+  const T* __restrict__ z;  // first row used
+  int64_t V;
+  A inv_tau;
+  A L;                        // its logsumexp (first, bayes)
+  const A* lse;              // the rows' logsumexps (mean); written by the forward kernel: not __restrict__
+  int32_t m;                  // rows averaged (mean), 0 otherwise
+
+  __device__ __forceinline__ A prob(int64_t v) const {
+    if (m == 0) return dexp(static_cast<A>(z[v]) * inv_tau - L);
+    A p = 0;
+    for (int32_t i = 0; i < m; ++i) p += dexp(static_cast<A>(z[i * V + v]) * inv_tau - lse[i]);
+    return p / A(m);
+  }
+};
+
+// One side of the chunks as the kernels see it.
+template <typename T, typename A>
+struct Side {
+  const T* __restrict__ z;
+  int64_t V;
+  A inv_tau;
+  Merge merge;
+  const int64_t* __restrict__ targets;
+  A* lse;
+
+  static Side student(const LossParams& p) {
+    return {static_cast<const T*>(p.student_logits), p.V_s, A(p.inv_tau), p.merge, p.student_targets,
+            static_cast<A*>(p.student_lse)};
+  }
+  static Side teacher(const LossParams& p) {
+    return {static_cast<const T*>(p.teacher_logits), p.V_t, A(p.inv_tau), p.merge, p.teacher_targets,
+            static_cast<A*>(p.teacher_lse)};
+  }
+
+  __device__ const T* row(int64_t r) const { return z + r * V; }
+  __device__ int32_t lse_end(const int32_t r0, const int32_t r1) const { return merge == Merge::First ? r0 + 1 : r1; }
+  __device__ int32_t pooled_row(const int32_t r0, const int32_t r1) const {
+    return merge == Merge::Bayes ? r1 - 1 : r0;
+  }
+
+  // log c of merge="bayes" (0 otherwise), computed by one thread.
+  __device__ A log_prefix(int32_t r0, int32_t r1) const {
+    A log_c = 0;
+    if (merge == Merge::Bayes) {
+      for (int32_t r = r0; r < r1 - 1; ++r) {
+        const int64_t x = targets[r];
+        log_c += (x >= 0 && x < V) ? static_cast<A>(row(r)[x]) * inv_tau - lse[r] : nan_value<A>();
+      }
+    }
+    return log_c;
+  }
+
+  // The pooled rows of a chunk (call after the lse values are written).
+  __device__ Pooled<T, A> pooled(int32_t r0, int32_t r1) const {
+    if (merge == Merge::Mean) return {row(r0), V, inv_tau, A(0), lse + r0, r1 - r0};
+    const int32_t r = pooled_row(r0, r1);
+    return {row(r), V, inv_tau, lse[r], nullptr, 0};
+  }
+
+  // Writes the logsumexp of every row the pooling reads (the whole block takes part).
+  __device__ void compute_lse(int32_t r0, int32_t r1, A* scratch) const {
+    for (int32_t r = r0; r < lse_end(r0, r1); ++r) {
+      const A L = row_lse(row(r), V, inv_tau, scratch);
+      if (threadIdx.x == 0) lse[r] = L;
+    }
+  }
+
+  // <p_row, h> for first and bayes: the pooled row's probabilities (without c) against h(v).
+  template <typename H>
+  __device__ A pooled_row_dot(const H& h, int32_t r0, int32_t r1, A* scratch) const {
+    const int32_t r = pooled_row(r0, r1);
+    const A L = lse[r];
+    const T* zr = row(r);
+    A acc = 0;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) acc += dexp(static_cast<A>(zr[v]) * inv_tau - L) * h(v);
+    return block_sum(acc, scratch);
+  }
+
+  // The gradient rows [r0, r1) of a loss whose gradient in the pooled vector is h(v), into the gradient
+  // base dz (row 0); every row of the chunk is written. c is the bayes prefix factor and D = <p_row, h>
+  // (first, bayes; see pooled_row_dot); mean computes its own per row.
+  template <typename H>
+  __device__ void pool_backward(T* dz, const H& h, int32_t r0, int32_t r1, A c, A D, A* scratch) const {
+    if (merge == Merge::First) {
+      const A L = lse[r0];
+      const T* zr = row(r0);
+      T* out = dz + r0 * V;
+      for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        out[v] = static_cast<T>(inv_tau * dexp(static_cast<A>(zr[v]) * inv_tau - L) * (h(v) - D));
+      }
+      zero_rows(dz, V, r0 + 1, r1);
+    } else if (merge == Merge::Mean) {
+      const A scale = inv_tau / A(r1 - r0);
+      for (int32_t r = r0; r < r1; ++r) {
+        const A L = lse[r];
+        const T* zr = row(r);
+        A d_row = 0;
+        for (int64_t v = threadIdx.x; v < V; v += blockDim.x) d_row += dexp(static_cast<A>(zr[v]) * inv_tau - L) * h(v);
+        d_row = block_sum(d_row, scratch);
+        T* out = dz + r * V;
+        for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+          out[v] = static_cast<T>(scale * dexp(static_cast<A>(zr[v]) * inv_tau - L) * (h(v) - d_row));
+        }
+      }
+    } else {  // Bayes: D is u = <p_last, h>
+      const int32_t last = r1 - 1;
+      const A L = lse[last];
+      const T* zr = row(last);
+      T* out = dz + last * V;
+      for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        out[v] = static_cast<T>(inv_tau * c * dexp(static_cast<A>(zr[v]) * inv_tau - L) * (h(v) - D));
+      }
+      const A coef = inv_tau * c * D;
+      for (int32_t r = r0; r < last; ++r) {
+        const A Lr = lse[r];
+        const T* zp = row(r);
+        const int64_t x = targets[r];
+        T* o = dz + r * V;
+        for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+          o[v] = static_cast<T>(coef * ((v == x ? A(1) : A(0)) - dexp(static_cast<A>(zp[v]) * inv_tau - Lr)));
+        }
+      }
+    }
+  }
+};
+
+}  // namespace cuda
+}  // namespace xtoken
