@@ -76,7 +76,6 @@ def test_distill_saves_checkpoints_and_resumes(disk, tmp_path, capsys):
     AutoModelForCausalLM.from_pretrained(str(output), local_files_only=True)
 
 
-@pytest.mark.skipif("kd" not in __import__("xtoken.distill").distill.available_losses(), reason="needs xtoken.kd_loss")
 def test_distill_with_a_same_tokenizer_teacher(disk, tmp_path, capsys):
     args = ["--teacher", f"{disk['same']}:0.2", "--steps", "1", "--kd-scaling", "1,0.5"]
     assert _distill(disk, tmp_path / "run", *args) == 0

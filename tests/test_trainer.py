@@ -19,7 +19,6 @@ pytest.importorskip("transformers")
 
 import xtoken
 from distill_util import TEXTS, make_teachers, student_tokenizer, tiny_lm, train, training_logs
-from xtoken.distill import available_losses
 
 TESTS = Path(__file__).parent
 
@@ -62,7 +61,24 @@ def test_losses_decrease(tmp_path, teachers):
     assert all("tokens_per_second" in e for e in trainer.state.log_history if "loss" in e)
 
 
-@pytest.mark.skipif("kd" not in available_losses(), reason="needs xtoken.kd_loss")
+@pytest.mark.parametrize("loss", ["pkl", "hkl", "gold", "uld"])
+def test_every_cross_tokenizer_loss_trains(tmp_path, loss):
+    student_tok = student_tokenizer()
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=8, learning_rate=1e-2,
+                             per_device_train_batch_size=11, logging_steps=1, disable_tqdm=True, seed=0)
+    trainer = xtoken.DistillationTrainer(
+        tiny_lm(len(student_tok), seed=0), args, teachers=make_teachers(["digits"], student_tok, loss=loss),
+        student_tokenizer=student_tok, train_dataset=TEXTS,
+    )  # fmt: skip
+    assert trainer.teachers[0].loss == loss
+    trainer.train()
+    logs = training_logs(trainer)
+    assert logs[-1]["kd_loss/digits"] < logs[0]["kd_loss/digits"]
+    assert logs[-1]["ce_loss"] < logs[0]["ce_loss"]
+
+
 def test_same_tokenizer_teacher_with_a_cross_tokenizer_teacher(tmp_path):
     trainer = train(str(tmp_path), teachers=["digits", "same"], batch_size=11, steps=6)
     logs = training_logs(trainer)

@@ -67,8 +67,6 @@ def summarize(results: list[DemoResult]) -> str:
             f"| {label} | {statistics.mean(values):.1f} | {min(values):.1f}-{max(values):.1f} | "
             + " / ".join(f"{v:.1f}" for v in values) + " | " + " | ".join(cells) + " |"
         )
-    skipped = {why for r in results for why in r.skipped.values()}
-    lines += [f"\nskipped: {why}" for why in sorted(skipped)]
     return "\n".join(lines)
 
 

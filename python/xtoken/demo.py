@@ -315,7 +315,6 @@ class DemoResult:
     by_answer_digits: dict[str, dict[str, float]] = field(default_factory=dict)
     lone_digit: dict[str, float] = field(default_factory=dict)
     repdigit: dict[str, float] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
     audit: str = ""
     alignment: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
@@ -335,7 +334,6 @@ class DemoResult:
                 + "".join(f"{by_digits.get(d, float('nan')):>10.1%}" for d in digits)
                 + f"{lone:>12}{rep:>10}{self.seconds.get(label, float('nan')):>7.0f}s"
             )
-        lines += [f"{label:<{width}} skipped: {why}" for label, why in self.skipped.items()]
         return "\n".join(lines)
 
 
@@ -478,23 +476,18 @@ def train_teacher(data: DemoData, log: Callable[[str], None] = print) -> tuple[A
 def train_students(
     data: DemoData, teacher, variants: Sequence[StudentVariant], *, workers: int = 1,
     log: Callable[[str], None] = print,
-) -> list[tuple[list[Answer], float] | str]:
-    """Step 4: per variant, the student's answers to the held-out problems and the seconds it took, or why
-    it was skipped (its loss is not in this build of xtoken). Every student has the same size,
-    initialization, batches and steps; they differ only in the teacher loss (and W). ``workers`` students
-    train at once, each in its own process on one thread."""
-    from .distill import Teacher, available_losses
+) -> list[tuple[list[Answer], float]]:
+    """Step 4: per variant, the student's answers to the held-out problems and the seconds it took. Every
+    student has the same size, initialization, batches and steps; they differ only in the teacher loss (and
+    W). ``workers`` students train at once, each in its own process on one thread."""
+    from .distill import Teacher
     from .projection import Projection
 
     if not (isinstance(workers, int) and workers >= 1):
         raise ValueError(f"workers: expected an integer >= 1, got {workers!r}")
     settings = data.settings
-    jobs, outcomes = [], []
+    jobs = []
     for variant in variants:
-        if variant.loss is not None and variant.loss not in available_losses():
-            outcomes.append(f"xtoken.{variant.loss}_loss is not in this build of xtoken")
-            log(f"  {variant.label:<8} skipped: {outcomes[-1]}")
-            continue
         teachers = []
         if variant.loss is not None:
             projection = data.projection
@@ -506,11 +499,9 @@ def train_students(
         jobs.append(_Job(variant.label, data.student_tokenizer, settings.student, data.seed + 2,
                          settings.student_steps, settings.student_lr, teachers, settings, data.seed, data.texts,
                          data.test))  # fmt: skip
-        outcomes.append(None)
     log(f"training {len(jobs)} students (same initialization, batches and steps; {min(workers, max(len(jobs), 1))} "
         "at a time)")
-    trained = iter(_run_jobs(jobs, workers, log))
-    return [next(trained) if outcome is None else outcome for outcome in outcomes]
+    return _run_jobs(jobs, workers, log)
 
 
 def _run_jobs(jobs: list[_Job], workers: int, log: Callable[[str], None]) -> list[tuple[list[Answer], float]]:
@@ -540,8 +531,7 @@ def run_demo(
     Args:
         settings: the budget (:data:`SETTINGS`).
         seed: seeds the corpus, the tokenizers, the models and the batches.
-        methods: the student methods to run (keys of :data:`METHODS`). A method whose loss this build of
-            xtoken lacks is skipped and reported.
+        methods: the student methods to run (keys of :data:`METHODS`).
         extra_students: more students to train the same way (ablations).
         workers: students trained at once, each in its own process. Every model trains on one thread, so
             results do not depend on ``workers``.
@@ -568,12 +558,9 @@ def run_demo(
     teacher, answers, seconds = train_teacher(data, log)
     result.record("teacher", data.test, answers, seconds, student=False)
     log(f"  teacher  exact match {result.accuracy['teacher']:.1%} ({seconds:.0f} s)")
-    for variant, outcome in zip(variants, train_students(data, teacher, variants, workers=workers, log=log)):
-        if isinstance(outcome, str):
-            result.skipped[variant.label] = outcome
-            continue
-        result.record(variant.label, data.test, *outcome, student=True)
-        log(f"  {variant.label:<8} exact match {result.accuracy[variant.label]:.1%} ({outcome[1]:.0f} s)")
+    for variant, (answers, seconds) in zip(variants, train_students(data, teacher, variants, workers=workers, log=log)):
+        result.record(variant.label, data.test, answers, seconds, student=True)
+        log(f"  {variant.label:<8} exact match {result.accuracy[variant.label]:.1%} ({seconds:.0f} s)")
     result.seconds["total"] = time.perf_counter() - clock
     log(f"\nexact-match answer accuracy on {len(data.test):,} held-out problems (greedy generation):\n"
         f"{result.table()}\ntotal {result.seconds['total']:.0f} s")

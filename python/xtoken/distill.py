@@ -31,7 +31,6 @@ __all__ = [
     "Teacher",
     "PreparedTeacher",
     "DistillationCollator",
-    "available_losses",
     "chunk_stats_summary",
     "combine_ce_kd",
     "dynamic_scale",
@@ -46,12 +45,11 @@ __all__ = [
 @dataclass(frozen=True)
 class _LossEntry:
     """``mapping(projection)`` makes, once per teacher, what the loss reads besides logits and chunks (W, the
-    common pairs, or nothing); ``function`` is the name of the functional loss in :mod:`xtoken.losses`,
-    called as ``function(student_logits, teacher_logits, chunks[, mapping], **options)``."""
+    common pairs, or nothing); ``function`` is the functional loss, called as
+    ``function(student_logits, teacher_logits, chunks[, mapping], **options)``."""
 
-    function: str
+    function: Callable[..., torch.Tensor]
     mapping: Callable[[Projection | None], Any]
-    help: str
 
 
 def _projection(projection: Projection | None) -> Projection:
@@ -72,30 +70,15 @@ def _nothing(projection: Projection | None) -> None:
 
 
 _LOSSES: dict[str, _LossEntry] = {
-    "pkl": _LossEntry("pkl_loss", _projection, "X-Token projection KL through W"),
-    "hkl": _LossEntry("hkl_loss", _pairs("relaxed"), "X-Token hybrid KL on W's relaxed pairs + sorted L1"),
-    "gold": _LossEntry("gold_loss", _pairs("exact"), "GOLD: KL on exact string matches + sorted L1 (ULD)"),
-    "uld": _LossEntry("uld_loss", _nothing, "ULD: sorted L1 over the full vocabularies"),
-    "kd": _LossEntry("kd_loss", _nothing, "plain KD from a teacher with the student's tokenizer"),
+    "pkl": _LossEntry(losses.pkl_loss, _projection),  # X-Token projection KL through W
+    "hkl": _LossEntry(losses.hkl_loss, _pairs("relaxed")),  # X-Token hybrid on W's relaxed pairs
+    "gold": _LossEntry(losses.gold_loss, _pairs("exact")),  # GOLD: hybrid on exact string matches
+    "uld": _LossEntry(losses.uld_loss, _nothing),  # ULD: sorted L1 over the full vocabularies
+    "kd": _LossEntry(losses.kd_loss, _nothing),  # plain KD from a teacher with the student's tokenizer
 }
 LOSS_NAMES = (*_LOSSES, "auto")
 """What a teacher's ``loss`` may be: a loss name, or ``"auto"`` (the coverage audit's recommendation for
 a teacher with a projection, ``"kd"`` for a same-tokenizer teacher)."""
-
-
-def available_losses() -> tuple[str, ...]:
-    """The loss names whose functional loss this build of xtoken has."""
-    return tuple(name for name, entry in _LOSSES.items() if hasattr(losses, entry.function))
-
-
-def _loss_function(name: str) -> Callable[..., torch.Tensor]:
-    function = getattr(losses, _LOSSES[name].function, None)
-    if function is None:
-        raise NotImplementedError(
-            f"loss {name!r} needs xtoken.{_LOSSES[name].function}, which this build of xtoken does not have; "
-            f"available: {', '.join(available_losses())}"
-        )
-    return function
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +201,6 @@ def prepare_teachers(
             mapping = _LOSSES[loss].mapping(projection)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
-        _loss_function(loss)
         prepared.append(PreparedTeacher(teacher, name, loss, mapping))
     return prepared
 
@@ -236,9 +218,8 @@ def teacher_loss(
     """The teacher's distillation loss on one batch (SPEC.md §4), ``reduction="sum"`` by default so that
     the caller divides by the global chunk count. Teacher logits are cast to the student logits' dtype."""
     teacher = prepared.teacher
-    function = _loss_function(prepared.loss)
     mapping = () if prepared.mapping is None else (prepared.mapping,)
-    return function(
+    return _LOSSES[prepared.loss].function(
         student_logits, teacher_logits.to(student_logits.dtype), chunks, *mapping,
         temperature=teacher.temperature, merge=teacher.merge, reduction=reduction,
         student_targets=student_targets, teacher_targets=teacher_targets, **(teacher.options or {}),
