@@ -198,10 +198,229 @@ def _run_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="distill Hugging Face teachers on disk into a student on disk (DistillationTrainer)",
+        description="Train the student on the texts of a JSONL file with CE plus distillation from each "
+        "teacher. A teacher with another vocabulary gets a projection W built from the two tokenizers (cached "
+        "under OUTPUT/projections); one with the student's vocabulary gets plain KD. Shows a progress bar, "
+        "saves checkpoints under OUTPUT and, with --resume, continues from the last one.",
+    )
+    p.add_argument("--student", required=True, help="folder of the student (a causal LM with its tokenizer)")
+    p.add_argument(
+        "--teacher", required=True, action="append", metavar="DIR[:WEIGHT[:LOSS]]",
+        help="a teacher folder, optionally with its weight alpha (default 1) and loss "
+        "(pkl, hkl, gold, uld, kd, or auto: the coverage audit's choice; default auto); repeat for several",
+    )  # fmt: skip
+    p.add_argument("--data", required=True, help="a JSONL file, one object with a text per line")
+    p.add_argument("--output", required=True, help="folder for checkpoints, W and the trained student")
+    p.add_argument("--text-key", default="text", help="the field holding the text (default: text)")
+    p.add_argument("--max-length", type=int, default=1024, help="tokens kept per text and side (default 1024)")
+    p.add_argument("--batch-size", type=int, default=8, help="texts per device and step (default 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    p.add_argument("--steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    p.add_argument("--save-steps", type=int, default=500, help="save a checkpoint every N steps (default 500)")
+    p.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
+    p.add_argument(
+        "--kd-scaling", default="dynamic", metavar="dynamic|W_CE,W_KD",
+        help="dynamic scaling (default) or fixed weights of CE and the summed KD, e.g. 0.1,1",
+    )  # fmt: skip
+    p.add_argument("--temperature", type=float, default=1.0, help="KD temperature (default 1)")
+    p.add_argument("--merge", default="first", choices=["first", "mean", "bayes"], help="chunk pooling (default first)")
+    p.add_argument(
+        "--teacher-dtype", default="model", choices=["model", "float32", "bfloat16"],
+        help="the dtype teachers run in (default: as saved)",
+    )  # fmt: skip
+    p.add_argument("--bf16", action="store_true", help="train the student in bf16 mixed precision")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.set_defaults(func=_clean_errors(_run_distill))
+
+
+def _parse_teacher(spec: str) -> tuple[str, float, str]:
+    """``DIR[:WEIGHT[:LOSS]]`` -> (folder, weight, loss); a folder name may itself hold colons."""
+    from .distill import LOSS_NAMES
+
+    folder, weight, loss = spec, 1.0, "auto"
+    parts = spec.rsplit(":", 2)
+    if len(parts) == 3 and parts[2] in LOSS_NAMES:
+        try:
+            folder, weight, loss = parts[0], float(parts[1]), parts[2]
+        except ValueError:
+            raise ValueError(f"--teacher {spec!r}: the weight {parts[1]!r} is not a number") from None
+    elif len(parts) >= 2:
+        try:
+            folder, weight = spec.rsplit(":", 1)[0], float(parts[-1])
+        except ValueError:
+            if parts[-1] and not (":" in spec and _is_folder(spec)):
+                raise ValueError(
+                    f"--teacher {spec!r}: expected DIR[:WEIGHT[:LOSS]], with LOSS one of {', '.join(LOSS_NAMES)}"
+                ) from None
+    if not _is_folder(folder):
+        raise ValueError(f"--teacher {spec!r}: {folder!r} is not a folder")
+    return folder, weight, loss
+
+
+def _is_folder(path: str) -> bool:
+    import os
+
+    return os.path.isdir(path)
+
+
+def _kd_scaling(text: str):
+    if text == "dynamic":
+        return text
+    try:
+        w_ce, w_kd = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--kd-scaling: expected 'dynamic' or W_CE,W_KD (e.g. 0.1,1), got {text!r}") from None
+    return (w_ce, w_kd)
+
+
+def _read_texts(path: str, key: str) -> list[str]:
+    import json
+
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(key), str):
+                raise ValueError(f"{path}:{number}: expected an object with a {key!r} text")
+            texts.append(record[key])
+    if not texts:
+        raise ValueError(f"{path}: no texts")
+    return texts
+
+
+def _load_causal_lm(folder: str, what: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{what} {folder!r}: not a Hugging Face causal LM with its tokenizer ({e})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{what} {folder!r}: needs a fast tokenizer (a tokenizer.json) for span alignment")
+    return model, tokenizer
+
+
+def _teacher_projection(output, name: str, student_tok, teacher_tok):
+    """W for one teacher, built once and cached in OUTPUT/projections (checked against both tokenizers)."""
+    from .projection import Projection
+
+    path = output / "projections" / f"{name}.safetensors"
+    if path.is_file():
+        return Projection.load(path, student_tok, teacher_tok)
+    projection = Projection.build(student_tok, teacher_tok, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    projection.save(path)
+    return projection
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import torch
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .distill import Teacher
+    from .tokenizer import load_tokenizer
+    from .trainer import DistillationTrainer
+
+    specs = [_parse_teacher(spec) for spec in args.teacher]
+    kd_scaling = _kd_scaling(args.kd_scaling)
+    texts = _read_texts(args.data, args.text_key)
+    output = Path(args.output)
+    last = get_last_checkpoint(str(output)) if output.is_dir() else None
+    if args.resume and last is None:
+        raise ValueError(f"--resume: no checkpoint in {output}")
+    if not args.resume and last is not None:
+        raise ValueError(f"{output} holds checkpoints ({os.path.basename(last)}); pass --resume to continue from "
+                         "the last one, or choose another --output")
+    student, student_tok = _load_causal_lm(args.student, "--student")
+    student_hash = load_tokenizer(student_tok).vocab_hash
+    dtype = {"model": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.teacher_dtype]
+    teachers, names = [], set()
+    for i, (folder, weight, loss) in enumerate(specs):
+        model, tokenizer = _load_causal_lm(folder, "--teacher")
+        name = os.path.basename(os.path.normpath(folder)) or f"teacher{i}"
+        name = name if name not in names else f"{name}-{i}"
+        names.add(name)
+        same = load_tokenizer(tokenizer).vocab_hash == student_hash
+        projection = None if same else _teacher_projection(output, name, student_tok, tokenizer)
+        teachers.append(Teacher(model, None if same else tokenizer, projection, loss=loss, weight=weight,
+                                dtype=dtype, temperature=args.temperature, merge=args.merge, name=name))
+        print(f"teacher {name}: loss {teachers[-1].resolved_loss()}, weight {weight:g}"
+              + (" (the student's tokenizer)" if same else ""))
+    training_args = TrainingArguments(
+        output_dir=str(output), per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
+        max_steps=args.steps, warmup_steps=args.warmup_steps, save_steps=args.save_steps,
+        logging_steps=args.logging_steps, seed=args.seed, bf16=args.bf16, report_to=[],
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )  # fmt: skip
+    trainer = DistillationTrainer(
+        student, training_args, teachers=teachers, student_tokenizer=student_tok, kd_scaling=kd_scaling,
+        max_length=args.max_length, train_dataset=texts,
+    )  # fmt: skip
+    trainer.train(resume_from_checkpoint=last if args.resume else None)
+    trainer.save_model(str(output))
+    print(f"saved the student to {output}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .demo import METHODS
+
+    p = sub.add_parser(
+        "demo",
+        help="reproduce GOLD's uncommon-token failure and the P-KL fix on a toy, on the CPU (no downloads)",
+        description="Writes a corpus of arithmetic word problems, trains a digit-splitting teacher tokenizer "
+        "and a digit-packing student tokenizer, a small teacher, and students under CE only, CE+GOLD, "
+        "CE+P-KL and CE+H-KL with one budget, then prints their exact-match answer accuracy with the "
+        "coverage audit and the alignment statistics, and saves a plot.",
+    )
+    p.add_argument("--quick", action="store_true", help="a tiny budget for CI (under 2 minutes on 2 cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus, the models and the batches")
+    p.add_argument("--output", default="xtoken-demo", help="folder for the results (default: xtoken-demo)")
+    p.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+        help="student methods to run (default: all)",
+    )  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, default=None,
+        help="students trained at once, one process and one thread each (default: up to 2, by CPU count)",
+    )  # fmt: skip
+    p.set_defaults(func=_clean_errors(_run_demo))
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from .demo import SETTINGS, run_demo
+
+    workers = args.workers if args.workers is not None else max(1, min(2, os.cpu_count() or 1))
+    settings = SETTINGS["quick" if args.quick else "default"]
+    run_demo(settings, args.seed, methods=args.methods, workers=workers, output=args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xtoken", description="cross-tokenizer knowledge distillation")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_bench, _add_projection, _add_align):
+    for add in (_add_demo, _add_distill, _add_bench, _add_projection, _add_align):
         add(sub)
     return parser
 

@@ -1,0 +1,377 @@
+"""Distillation from one or more teachers (SPEC.md §4, last part): the teacher description, the loss
+registry, the collator that aligns a text batch for every teacher, and the CE + KD combination.
+
+These pieces have no dependency on ``transformers``; :class:`xtoken.DistillationTrainer` (``trainer.py``)
+puts them into a ``transformers.Trainer``, and a hand-written training loop can use them directly::
+
+    teacher = xtoken.Teacher(qwen, qwen_tokenizer, projection=W, loss="auto", weight=1.0)
+    collate = xtoken.DistillationCollator(llama_tokenizer, [teacher], max_length=2048)
+    batch = collate(texts)
+    # student logits, then per teacher: xtoken.distill.teacher_loss(...) with reduction="sum"
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import losses
+from .align import CHUNK_SHAPES, AlignStats, _pad, align_spans, as_span_tokenizer
+from .projection import Projection
+from .tokenizer import load_tokenizer
+
+__all__ = [
+    "LOSS_NAMES",
+    "CHUNK_STAT_NAMES",
+    "Teacher",
+    "PreparedTeacher",
+    "DistillationCollator",
+    "chunk_stats_summary",
+    "combine_ce_kd",
+    "dynamic_scale",
+    "prepare_teachers",
+    "teacher_loss",
+]
+
+# ---------------------------------------------------------------------------------------------
+# The loss registry: name -> what the loss reads besides the logits and chunks, and its function.
+
+
+@dataclass(frozen=True)
+class _LossEntry:
+    """``mapping(projection)`` makes, once per teacher, what the loss reads besides logits and chunks (W, the
+    common pairs, or nothing); ``function`` is the functional loss, called as
+    ``function(student_logits, teacher_logits, chunks[, mapping], **options)``."""
+
+    function: Callable[..., torch.Tensor]
+    mapping: Callable[[Projection | None], Any]
+
+
+def _projection(projection: Projection | None) -> Projection:
+    if projection is None:
+        raise ValueError("needs a projection W (Projection.build(student_tokenizer, teacher_tokenizer))")
+    return projection
+
+
+def _pairs(kind: str) -> Callable[[Projection | None], torch.Tensor]:
+    def pairs(projection: Projection | None) -> torch.Tensor:
+        return _projection(projection).common_pairs(kind)
+
+    return pairs
+
+
+def _nothing(projection: Projection | None) -> None:
+    return None
+
+
+_LOSSES: dict[str, _LossEntry] = {
+    "pkl": _LossEntry(losses.pkl_loss, _projection),  # X-Token projection KL through W
+    "hkl": _LossEntry(losses.hkl_loss, _pairs("relaxed")),  # X-Token hybrid on W's relaxed pairs
+    "gold": _LossEntry(losses.gold_loss, _pairs("exact")),  # GOLD: hybrid on exact string matches
+    "uld": _LossEntry(losses.uld_loss, _nothing),  # ULD: sorted L1 over the full vocabularies
+    "kd": _LossEntry(losses.kd_loss, _nothing),  # plain KD from a teacher with the student's tokenizer
+}
+LOSS_NAMES = (*_LOSSES, "auto")
+"""What a teacher's ``loss`` may be: a loss name, or ``"auto"`` (the coverage audit's recommendation for
+a teacher with a projection, ``"kd"`` for a same-tokenizer teacher)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Teachers
+
+
+@dataclass
+class Teacher:
+    """One teacher of a distillation run.
+
+    Args:
+        model: a causal LM whose forward takes ``input_ids`` and ``attention_mask`` and returns ``.logits``
+            (``[B, T, V_t]``). It runs in eval mode without gradients.
+        tokenizer: its tokenizer (a Hugging Face fast tokenizer, a ``tokenizers.Tokenizer``, a path or a
+            built-in name); ``None`` means the student's tokenizer.
+        projection: W from the student vocabulary to this teacher's (:meth:`Projection.build`); ``None``
+            for a teacher with the student's vocabulary.
+        loss: ``"pkl"``, ``"hkl"``, ``"gold"``, ``"uld"``, ``"kd"`` or ``"auto"``: the coverage audit's
+            recommendation (``"pkl"`` or ``"hkl"``, :meth:`Projection.audit`) when there is a projection,
+            ``"kd"`` when there is none.
+        weight: alpha_m, the teacher's static weight in ``L_kd_total = sum_m alpha_m L_m``.
+        dtype: the dtype the teacher runs in (e.g. ``torch.bfloat16``); ``None`` keeps the model's. Its
+            logits are cast to the student logits' dtype for the loss.
+        temperature, merge: as in :func:`xtoken.pkl_loss` (SPEC.md §3, §4).
+        options: further keyword arguments of the loss (``matched``, ``beta``, ``uld_topk``, ``weights``
+            for the hybrid losses).
+        name: the name the logs use (default ``teacher<i>``, ``i`` its position in the run).
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any = None
+    projection: Projection | None = None
+    loss: str = "auto"
+    weight: float = 1.0
+    dtype: torch.dtype | None = None
+    temperature: float = 1.0
+    merge: str = "first"
+    options: dict[str, Any] | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, torch.nn.Module):
+            raise TypeError(f"Teacher.model: expected a torch.nn.Module, got {type(self.model).__name__}")
+        if self.projection is not None and not isinstance(self.projection, Projection):
+            raise TypeError(
+                f"Teacher.projection: expected an xtoken.Projection or None, got {type(self.projection).__name__}"
+            )
+        if self.loss not in LOSS_NAMES:
+            raise ValueError(f"Teacher.loss: expected one of {LOSS_NAMES}, got {self.loss!r}")
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"Teacher.weight: expected a finite number >= 0, got {self.weight!r}")
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise ValueError(f"Teacher.dtype: expected a floating torch.dtype or None, got {self.dtype!r}")
+        losses._check_options(self.temperature, self.merge, "sum")
+
+    def resolved_loss(self) -> str:
+        """The loss this teacher uses: ``loss``, or for ``"auto"`` the audit's recommendation (``"kd"``
+        without a projection)."""
+        if self.loss != "auto":
+            return self.loss
+        if self.projection is None:
+            return "kd"
+        if self.projection.vocabularies is None:
+            raise ValueError(
+                "Teacher.loss='auto' audits W's coverage, which needs a W built from tokenizers "
+                "(Projection.build or Projection.load of a built W); name the loss instead"
+            )
+        return self.projection.audit().recommendation
+
+
+@dataclass(frozen=True)
+class PreparedTeacher:
+    """A teacher ready for the loss: its name, resolved loss and what that loss reads (``mapping``)."""
+
+    teacher: Teacher
+    name: str
+    loss: str
+    mapping: Any
+
+    @property
+    def weight(self) -> float:
+        return float(self.teacher.weight)
+
+
+def prepare_teachers(
+    teachers: Teacher | Sequence[Teacher], student_tokenizer: Any, student_vocab_size: int | None = None
+) -> list[PreparedTeacher]:
+    """Check the teachers against the student and resolve their losses. ``"kd"`` needs the student's
+    vocabulary; ``"uld"`` needs no W; the other losses need a W, built for this student and teacher
+    tokenizer when W records them. ``student_vocab_size`` (the student's logit width) pads W with empty
+    rows for a padded lm_head."""
+    if isinstance(teachers, Teacher):
+        teachers = [teachers]
+    teachers = list(teachers)
+    if not all(isinstance(t, Teacher) for t in teachers):
+        raise TypeError("teachers: expected xtoken.Teacher objects")
+    student = load_tokenizer(student_tokenizer)
+    prepared, names = [], set()
+    for i, teacher in enumerate(teachers):
+        name = teacher.name or f"teacher{i}"
+        if name in names:
+            raise ValueError(f"teachers: two teachers are named {name!r}; names must be unique (they key the logs)")
+        names.add(name)
+        loss = teacher.resolved_loss()
+        where = f"teacher {name!r} (loss {loss!r})"
+        if loss == "kd" and teacher.tokenizer is not None and load_tokenizer(teacher.tokenizer).vocab_hash != student.vocab_hash:
+            raise ValueError(f"{where}: KD needs the student's vocabulary; give a projection and another loss")
+        projection = teacher.projection
+        if projection is None and loss not in ("kd", "uld"):
+            raise ValueError(
+                f"{where}: no projection was given; this loss needs "
+                "Projection.build(student_tokenizer, teacher_tokenizer)"
+            )
+        if projection is not None:
+            if "student_vocab_hash" in projection.metadata:
+                projection.check_tokenizers(student, student if teacher.tokenizer is None else teacher.tokenizer)
+            if student_vocab_size is not None and student_vocab_size > projection.student_vocab_size:
+                projection = projection.pad_to(student_vocab_size)
+        try:
+            mapping = _LOSSES[loss].mapping(projection)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+        prepared.append(PreparedTeacher(teacher, name, loss, mapping))
+    return prepared
+
+
+def teacher_loss(
+    prepared: PreparedTeacher,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    chunks: torch.Tensor,
+    *,
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """The teacher's distillation loss on one batch (SPEC.md §4), ``reduction="sum"`` by default so that
+    the caller divides by the global chunk count. Teacher logits are cast to the student logits' dtype."""
+    teacher = prepared.teacher
+    mapping = () if prepared.mapping is None else (prepared.mapping,)
+    return _LOSSES[prepared.loss].function(
+        student_logits, teacher_logits.to(student_logits.dtype), chunks, *mapping,
+        temperature=teacher.temperature, merge=teacher.merge, reduction=reduction,
+        student_targets=student_targets, teacher_targets=teacher_targets, **(teacher.options or {}),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# CE + KD
+
+
+def combine_ce_kd(
+    ce: torch.Tensor,
+    kd_total: torch.Tensor,
+    kd_scaling: str | tuple[float, float] = "dynamic",
+    *,
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``L = L_ce + sg(L_ce / L_kd_total) * L_kd_total`` (``kd_scaling="dynamic"``) or
+    ``w_ce * L_ce + w_kd * L_kd_total`` (``kd_scaling=(w_ce, w_kd)``), SPEC.md §4.
+
+    ``reference`` gives the ``(L_ce, L_kd_total)`` values the dynamic ratio is taken from when ``ce`` and
+    ``kd_total`` are parts of a larger batch (the trainer passes the micro-batch's values over all ranks);
+    by default they are ``ce`` and ``kd_total``. A zero KD total (no chunks) leaves ``L = L_ce``."""
+    check_kd_scaling(kd_scaling)
+    if kd_scaling == "dynamic":
+        ce_value, kd_value = (ce, kd_total) if reference is None else reference
+        return ce + dynamic_scale(ce_value, kd_value).to(kd_total.dtype) * kd_total
+    w_ce, w_kd = kd_scaling
+    return w_ce * ce + w_kd * kd_total
+
+
+def dynamic_scale(ce: torch.Tensor, kd_total: torch.Tensor) -> torch.Tensor:
+    """``L_ce / L_kd_total`` (no gradient), 0 where ``L_kd_total`` is 0."""
+    ce, kd_total = ce.detach(), kd_total.detach()
+    return torch.where(kd_total != 0, ce / torch.where(kd_total != 0, kd_total, 1), 0)
+
+
+def check_kd_scaling(kd_scaling: Any) -> None:
+    if kd_scaling == "dynamic":
+        return
+    if (
+        isinstance(kd_scaling, (tuple, list))
+        and len(kd_scaling) == 2
+        and all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in kd_scaling)
+    ):
+        return
+    raise ValueError(f"kd_scaling: expected 'dynamic' or (w_ce, w_kd) with weights >= 0, got {kd_scaling!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The collator
+
+CHUNK_STAT_NAMES = (*CHUNK_SHAPES, "student_tokens", "student_dropped", "teacher_tokens", "teacher_dropped")
+"""The entries of a teacher's ``chunk_stats`` vector in a collated batch."""
+
+
+def _stat_vector(stats: AlignStats) -> torch.Tensor:
+    values = [stats.shapes[s] for s in CHUNK_SHAPES] + [
+        stats.student_tokens, sum(stats.student_dropped.values()),
+        stats.teacher_tokens, sum(stats.teacher_dropped.values()),
+    ]  # fmt: skip
+    return torch.tensor(values, dtype=torch.int64)
+
+
+class DistillationCollator:
+    """A DataLoader ``collate_fn`` for distillation: tokenizes a batch of texts for the student once and for
+    every teacher, and aligns the student with each teacher (SPEC.md §2). Picklable.
+
+    Each example is a text, or a mapping holding one under ``text_key``. A batch is a dict:
+
+    - ``input_ids``, ``attention_mask`` (int64 ``[B, T_s]``), ``labels`` (``input_ids`` with -100 at padding)
+      and ``student_targets`` (int64 ``[B * T_s]``, the realized next token of each row, -1 where none);
+    - ``teachers``: one dict per teacher with ``input_ids``, ``attention_mask``, ``teacher_targets``,
+      ``chunks`` (int32 ``[K, 4]`` over flattened rows) and ``chunk_stats`` (int64, :data:`CHUNK_STAT_NAMES`).
+
+    Args:
+        student_tokenizer: the student's tokenizer (anything :func:`xtoken.align.as_span_tokenizer` takes).
+        teacher_tokenizers: one tokenizer per teacher (``None``: the student's), or :class:`Teacher` objects.
+        max_length: keep at most this many tokens per text on each side (special tokens included).
+        add_special_tokens: let each tokenizer add its BOS/EOS.
+        text_key: the field holding the text in mapping examples.
+    """
+
+    def __init__(
+        self,
+        student_tokenizer: Any,
+        teacher_tokenizers: Sequence[Any],
+        max_length: int | None = None,
+        *,
+        add_special_tokens: bool = True,
+        text_key: str = "text",
+    ) -> None:
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
+        self.student = as_span_tokenizer(student_tokenizer)
+        tokenizers = [t.tokenizer if isinstance(t, Teacher) else t for t in teacher_tokenizers]
+        self.teachers = [self.student if t is None else as_span_tokenizer(t) for t in tokenizers]
+        self.max_length = max_length
+        self.add_special_tokens = add_special_tokens
+        self.text_key = text_key
+
+    def _texts(self, examples: Sequence) -> list[str]:
+        texts = []
+        for i, example in enumerate(examples):
+            text = example if isinstance(example, str) else example.get(self.text_key) if hasattr(example, "get") else None
+            if not isinstance(text, str):
+                raise TypeError(
+                    f"example {i}: expected a text or a mapping with a {self.text_key!r} text, got "
+                    f"{type(example).__name__}"
+                )
+            texts.append(text)
+        return texts
+
+    def _encode(self, tokenizer, texts: list[str]):
+        encoded = tokenizer.encode_spans(texts, add_special_tokens=self.add_special_tokens, max_length=self.max_length)
+        return _pad(encoded, tokenizer.pad_token_id, left=False)
+
+    def __call__(self, examples: Sequence) -> dict[str, Any]:
+        texts = self._texts(examples)
+        student = self._encode(self.student, texts)
+        batch: dict[str, Any] = {
+            "input_ids": student.input_ids,
+            "attention_mask": student.attention_mask,
+            "labels": student.input_ids.masked_fill(student.attention_mask == 0, -100),
+            "student_targets": student.targets,
+            "teachers": [],
+        }
+        encoded = {id(self.student): student}
+        for tokenizer in self.teachers:
+            if id(tokenizer) not in encoded:
+                encoded[id(tokenizer)] = self._encode(tokenizer, texts)
+            teacher = encoded[id(tokenizer)]
+            alignment = align_spans(student.ends, student.lengths, teacher.ends, teacher.lengths)
+            chunks = alignment.table()
+            batch["teachers"].append({
+                "input_ids": teacher.input_ids,
+                "attention_mask": teacher.attention_mask,
+                "teacher_targets": teacher.targets,
+                "chunks": chunks,
+                "chunk_stats": _stat_vector(AlignStats.compute(chunks, alignment.dropped)),
+            })  # fmt: skip
+        return batch
+
+
+def chunk_stats_summary(stats: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Readable chunk statistics from a summed ``chunk_stats`` vector: the chunk count, the 1:1 share and the
+    share of each side's tokens that no chunk holds."""
+    values = dict(zip(CHUNK_STAT_NAMES, (float(v) for v in torch.as_tensor(stats).tolist())))
+    chunks = sum(values[s] for s in CHUNK_SHAPES)
+    return {
+        "chunks": chunks,
+        "one_to_one": values["1:1"] / max(chunks, 1),
+        "student_dropped": values["student_dropped"] / max(values["student_tokens"], 1),
+        "teacher_dropped": values["teacher_dropped"] / max(values["teacher_tokens"], 1),
+    }

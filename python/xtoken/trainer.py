@@ -1,0 +1,274 @@
+"""``DistillationTrainer``: cross-tokenizer distillation as a ``transformers.Trainer`` subclass, so
+Accelerate, DDP, FSDP and DeepSpeed run it as they run any Trainer.
+
+Normalization (SPEC.md §4). For every optimizer step the trainer first counts, over the step's
+micro-batches on every rank, the student's target tokens N and each teacher's chunks K_m (one
+all-reduce). Each micro-batch then adds ``sum CE / N`` and ``sum_m alpha_m * sum L_m / K_m`` (losses
+with ``reduction="sum"``), so the gradient of a step is the gradient of the loss over the whole global
+batch, whatever its split into ranks and accumulation steps. Dynamic scaling multiplies the KD part by
+``sg(L_ce / L_kd_total)`` of the micro-batch over all ranks (one small all-reduce per micro-batch, which
+also gives the logged statistics); with one accumulation step that is exactly the global batch's ratio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import Trainer, TrainingArguments
+
+from .distill import (
+    CHUNK_STAT_NAMES,
+    DistillationCollator,
+    PreparedTeacher,
+    Teacher,
+    check_kd_scaling,
+    chunk_stats_summary,
+    combine_ce_kd,
+    dynamic_scale,
+    prepare_teachers,
+    teacher_loss,
+)
+
+__all__ = ["DistillationTrainer"]
+
+if not hasattr(Trainer, "loss_is_scaled_for_ga"):
+    # Older Trainers divide every returned loss by the accumulation steps; this one normalizes globally itself.
+    raise ImportError(
+        f"xtoken.DistillationTrainer needs transformers >= 5.19 (Trainer.loss_is_scaled_for_ga); found "
+        f"{transformers.__version__}: pip install 'transformers>=5.19'"
+    )
+
+_STATS = len(CHUNK_STAT_NAMES)
+
+
+class DistillationTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains a student causal LM on text with CE plus distillation from one
+    or more teachers (SPEC.md §4): ``L_kd_total = sum_m alpha_m L_m``, combined with CE by dynamic scaling
+    (``L = L_ce + sg(L_ce / L_kd_total) L_kd_total``) or by fixed weights ``(w_ce, w_kd)``.
+
+    Args:
+        model: the student (a causal LM returning ``.logits``).
+        args: ``TrainingArguments``. ``remove_unused_columns`` is turned off (the collator reads the text)
+            and ``accelerator_config.dispatch_batches`` defaults to False (each rank collates its own
+            batches: chunk tables cannot be sliced across ranks).
+        teachers: one :class:`xtoken.Teacher` or several; none trains with CE alone.
+        student_tokenizer: the student's tokenizer (a Hugging Face fast tokenizer, a
+            ``tokenizers.Tokenizer``, a path or a built-in name). Saved with checkpoints when it has
+            ``save_pretrained``.
+        kd_scaling: ``"dynamic"`` or ``(w_ce, w_kd)``.
+        max_length: tokens kept per text on each side (special tokens included).
+        text_key: the field of a dataset example that holds its text.
+        train_dataset, eval_dataset: texts, or mappings (e.g. a ``datasets.Dataset``) with ``text_key``.
+        **kwargs: the other ``transformers.Trainer`` arguments (callbacks, optimizers, ...). A
+            ``data_collator`` replaces the :class:`xtoken.DistillationCollator`; it must produce its batches.
+
+    Example (a Llama student, a Qwen teacher through W and a same-tokenizer Llama teacher)::
+
+        W = xtoken.Projection.build(llama_tok, qwen_tok)
+        teachers = [
+            xtoken.Teacher(qwen, qwen_tok, W, loss="auto", weight=0.8, dtype=torch.bfloat16, name="qwen"),
+            xtoken.Teacher(llama_3b, None, None, loss="kd", weight=0.2, name="llama3b"),
+        ]
+        trainer = xtoken.DistillationTrainer(
+            student, TrainingArguments("out", per_device_train_batch_size=8, bf16=True),
+            teachers=teachers, student_tokenizer=llama_tok, max_length=2048, train_dataset=texts,
+        )
+        trainer.train()
+
+    Logged with each training log: ``ce_loss``, ``kd_loss/<teacher>`` (per chunk, tau^2 included),
+    ``kd_scale`` (the mean dynamic ratio, under dynamic scaling), ``chunks/<teacher>``, ``one_to_one/<teacher>``,
+    ``student_dropped/<teacher>`` and ``teacher_dropped/<teacher>`` (shares of tokens in no chunk), and
+    ``tokens_per_second`` (student tokens over all ranks per second of wall time, since the last log).
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        args: TrainingArguments | None = None,
+        *,
+        teachers: Teacher | Sequence[Teacher] = (),
+        student_tokenizer: Any,
+        kd_scaling: str | tuple[float, float] = "dynamic",
+        max_length: int | None = None,
+        text_key: str = "text",
+        **kwargs: Any,
+    ) -> None:
+        check_kd_scaling(kd_scaling)
+        if args is None:
+            args = TrainingArguments(output_dir="xtoken_distill")
+        _check_batching(args)
+        args.remove_unused_columns = False
+        self.kd_scaling = kd_scaling
+        self.teachers: list[PreparedTeacher] = prepare_teachers(teachers, student_tokenizer, _logit_width(model))
+        kwargs.setdefault(
+            "data_collator",
+            DistillationCollator(
+                student_tokenizer, [p.teacher for p in self.teachers], max_length=max_length, text_key=text_key
+            ),
+        )
+        if hasattr(student_tokenizer, "save_pretrained"):
+            kwargs.setdefault("processing_class", student_tokenizer)
+        super().__init__(model=model, args=args, **kwargs)
+        for prepared in self.teachers:
+            teacher = prepared.teacher
+            teacher.model.to(device=self.args.device, dtype=teacher.dtype).eval().requires_grad_(False)
+        self._step_counts: torch.Tensor | None = None
+        self._reset_log_sums()
+
+    # ------------------------------------------------------------------ normalization
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The step's micro-batches, and the global counts that normalize them: the student's target tokens
+        and each teacher's chunks over every micro-batch of the step on every rank."""
+        batch_samples = list(itertools.islice(epoch_iterator, num_batches))
+        counts = torch.zeros(1 + len(self.teachers), dtype=torch.float64, device=device)
+        for batch in batch_samples:
+            counts += self._local_counts(batch).to(device)
+        self._step_counts = self._all_ranks_sum(counts)
+        return batch_samples, self._step_counts[0]
+
+    @staticmethod
+    def _local_counts(batch: dict[str, Any]) -> torch.Tensor:
+        """float64 [1 + M] on the batch's device: target tokens, then chunks per teacher (no device sync)."""
+        targets = (batch["labels"][:, 1:] != -100).sum().double()
+        chunks = [targets.new_tensor(float(t["chunks"].shape[0])) for t in batch["teachers"]]
+        return torch.stack([targets, *chunks])
+
+    def _all_ranks_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    # ------------------------------------------------------------------ the loss
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        logits = outputs.logits
+        labels = inputs["labels"]
+        ce_sum = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+            ignore_index=-100, reduction="sum",
+        )  # fmt: skip
+        if len(inputs["teachers"]) != len(self.teachers):
+            raise ValueError(
+                f"the batch aligns {len(inputs['teachers'])} teacher(s) but the trainer has {len(self.teachers)}; "
+                "a custom data_collator must produce DistillationCollator batches for the same teachers"
+            )
+        kd_sums = [self._teacher_sum(p, logits, inputs, t) for p, t in zip(self.teachers, inputs["teachers"])]
+        local = torch.stack([ce_sum.detach().double(), *(k.detach().double() for k in kd_sums)])
+        local_counts = self._local_counts(inputs).to(local.device)
+        stats = [t["chunk_stats"].to(local.device, torch.float64) for t in inputs["teachers"]]
+        tokens = inputs["attention_mask"].sum().to(local.device, torch.float64).reshape(1)
+
+        training = model.training and self._step_counts is not None
+        if training:
+            # One all-reduce: the micro-batch's sums over all ranks (the dynamic ratio and the logs).
+            summed = self._all_ranks_sum(torch.cat([local, local_counts, tokens, *stats]))
+            counts, ranks = self._step_counts.to(local.device), self.accelerator.num_processes
+        else:
+            summed = torch.cat([local, local_counts, tokens, *stats])
+            counts, ranks = local_counts, 1
+        m = len(self.teachers)
+        micro_sums, micro_counts = summed[: 1 + m], summed[1 + m : 2 + 2 * m]
+
+        ce = ce_sum / counts[0].clamp_min(1)
+        kd = sum(
+            (p.weight * s / counts[1 + i].clamp_min(1) for i, (p, s) in enumerate(zip(self.teachers, kd_sums))),
+            ce.new_zeros(()),
+        )
+        micro_means = micro_sums / micro_counts.clamp_min(1)
+        micro_kd = sum((p.weight * micro_means[1 + i] for i, p in enumerate(self.teachers)), micro_means.new_zeros(()))
+        if self.teachers:
+            loss = combine_ce_kd(ce, kd, self.kd_scaling, reference=(micro_means[0], micro_kd))
+        else:
+            loss = ce
+        if training:
+            self._accumulate_log_sums(summed, dynamic_scale(micro_means[0], micro_kd))
+        # DDP, FSDP and DeepSpeed average gradients over ranks; each rank's share of the global sum is
+        # scaled back up by the number of ranks.
+        loss = loss * ranks
+        return (loss, outputs) if return_outputs else loss
+
+    def _teacher_sum(
+        self, prepared: PreparedTeacher, student_logits: torch.Tensor, inputs: dict[str, Any], batch: dict[str, Any]
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = prepared.teacher.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        return teacher_loss(
+            prepared, student_logits, teacher_logits, batch["chunks"],
+            student_targets=inputs["student_targets"], teacher_targets=batch["teacher_targets"],
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ logging
+    def _reset_log_sums(self) -> None:
+        self._log_sums: torch.Tensor | None = None
+        self._log_scale_sum = 0.0
+        self._log_micro_batches = 0
+        self._log_time = time.perf_counter()
+
+    def _accumulate_log_sums(self, summed: torch.Tensor, scale: torch.Tensor) -> None:
+        summed = summed.detach()
+        self._log_sums = summed if self._log_sums is None else self._log_sums + summed
+        self._log_scale_sum = self._log_scale_sum + scale.detach().double()
+        self._log_micro_batches += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._log_sums is not None:
+            logs.update(self._distillation_logs())
+            self._reset_log_sums()
+        super().log(logs, start_time)
+
+    def _distillation_logs(self) -> dict[str, float]:
+        m = len(self.teachers)
+        values = self._log_sums.cpu().tolist()
+        sums, counts = values[: 1 + m], values[1 + m : 2 + 2 * m]
+        tokens, stats = values[2 + 2 * m], values[3 + 2 * m :]
+        elapsed = max(time.perf_counter() - self._log_time, 1e-9)
+        logs = {"ce_loss": sums[0] / max(counts[0], 1), "tokens_per_second": tokens / elapsed}
+        if m and self.kd_scaling == "dynamic":
+            logs["kd_scale"] = float(self._log_scale_sum) / max(self._log_micro_batches, 1)
+        for i, prepared in enumerate(self.teachers):
+            logs[f"kd_loss/{prepared.name}"] = sums[1 + i] / max(counts[1 + i], 1)
+            summary = chunk_stats_summary(torch.tensor(stats[i * _STATS : (i + 1) * _STATS]))
+            for key, value in summary.items():
+                logs[f"{key}/{prepared.name}"] = value
+        return logs
+
+
+def _logit_width(model: torch.nn.Module) -> int | None:
+    """The student's logit width (a padded lm_head may exceed the tokenizer), read without touching weights
+    that DeepSpeed ZeRO-3 may have partitioned; None when the model does not say."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Linear):
+        return head.out_features
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def _check_batching(args: TrainingArguments) -> None:
+    """Each rank must collate its own batches: a chunk table indexes rows of its own batch."""
+    config = args.accelerator_config
+    if config.split_batches:
+        raise ValueError(
+            "accelerator_config.split_batches=True slices collated batches across ranks, which breaks the "
+            "chunk tables; DistillationTrainer needs each rank to collate its own batches"
+        )
+    if config.dispatch_batches:
+        raise ValueError(
+            "accelerator_config.dispatch_batches=True sends slices of one collated batch to every rank, which "
+            "breaks the chunk tables; DistillationTrainer needs dispatch_batches=False"
+        )
+    config.dispatch_batches = False
