@@ -32,6 +32,15 @@ def _seed(request):
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread than on two on a shared machine; results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
     """Compare a kernel result with the float64 reference under the tolerance of ``dtype``."""
     tol = TOL[dtype]

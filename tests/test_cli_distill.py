@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
@@ -39,12 +38,7 @@ def disk(tmp_path_factory):
     return {"student": student, "teacher": teacher, "same": same, "data": str(data), "bad": str(bad)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _distill(disk, output, *extra):

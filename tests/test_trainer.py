@@ -23,13 +23,7 @@ from distill_util import TEXTS, make_teachers, student_tokenizer, tiny_lm, train
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster than two on a shared machine, and results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(trainer) -> torch.Tensor:
