@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 
+import pytest
 import torch
 import xtoken
 from tokenizers_util import (
@@ -35,7 +36,8 @@ def teacher_tokenizers() -> dict[str, object]:
 
 
 def tiny_lm(vocab_size: int, seed: int, hidden: int = 32):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    transformers = pytest.importorskip("transformers")  # a test extra; the tests that need a model skip without it
+    LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
