@@ -39,16 +39,22 @@ A blocked_sum(int64_t n, const Term& term) {
   return static_cast<A>(total);
 }
 
-// logsumexp(z * inv_tau) of one row.
+// max(z) * inv_tau of one row (inv_tau > 0): the shift of the logsumexp passes below.
 template <typename T, typename A>
-A row_lse(const T* z, int64_t V, A inv_tau) {
+A row_scaled_max(const T* z, int64_t V, A inv_tau) {
   A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t v = 0; v < V; ++v) {
     const A x = cpu_math::load<A>(z[v]);
     m = x > m ? x : m;
   }
-  m *= inv_tau;
+  return m * inv_tau;
+}
+
+// logsumexp(z * inv_tau) of one row.
+template <typename T, typename A>
+A row_lse(const T* z, int64_t V, A inv_tau) {
+  const A m = row_scaled_max(z, V, inv_tau);
   double total = 0;
   for (int64_t b = 0; b < V; b += kSumBlock) {
     const int64_t e = b + kSumBlock < V ? b + kSumBlock : V;
@@ -164,13 +170,7 @@ void gather_rows(A* out, const A* g, const ProjectionPlan& plan) {
 // Softmax of one row in two passes: out[v] = exp(z[v] * inv_tau - L) * scale; returns L = logsumexp.
 template <typename T, typename A>
 A row_softmax(A* out, const T* z, int64_t V, A inv_tau, A scale) {
-  A m = -std::numeric_limits<A>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t v = 0; v < V; ++v) {
-    const A x = cpu_math::load<A>(z[v]);
-    m = x > m ? x : m;
-  }
-  m *= inv_tau;
+  const A m = row_scaled_max(z, V, inv_tau);
   double total = 0;
   for (int64_t b = 0; b < V; b += kSumBlock) {
     const int64_t e = b + kSumBlock < V ? b + kSumBlock : V;
