@@ -346,7 +346,9 @@ def surface(tokenizer: Tokenizer, token_id: int) -> bytes:
 TEXT_PIECES = [" ", "  ", "\n", "\t", "1", "23", "2024", "é", "中", "😀", "👍🏽", "a", "the", "Hello", ".", ","]
 texts_strategy = st.lists(
     st.lists(
-        st.one_of(st.sampled_from(TEXT_PIECES), st.characters(blacklist_categories=("Cs",))), max_size=25
+        # "▁" is excluded: a SentencePiece tokenizer reads it as a space, so no token stands for its own bytes.
+        st.one_of(st.sampled_from(TEXT_PIECES), st.characters(blacklist_categories=("Cs",), blacklist_characters="▁")),
+        max_size=25,
     ).map("".join),
     min_size=1,
     max_size=4,
