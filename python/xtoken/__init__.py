@@ -6,6 +6,7 @@ between two vocabularies, and exact span alignment. See README.md and SPEC.md.
 
 from . import nn, ops, reference
 from .align import AlignedBatch, AlignedCollator, align_spans, align_texts
+from .chat import align_conversations
 from .distill import DistillationCollator, Teacher
 from .losses import gold_loss, hkl_loss, kd_loss, pkl_loss, project, uld_loss
 from .projection import Projection
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Projection", "pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "project", "nn", "ops", "reference",
-    "__version__", "AlignedBatch", "AlignedCollator", "align_spans", "align_texts",
+    "__version__", "AlignedBatch", "AlignedCollator", "align_spans", "align_texts", "align_conversations",
     "DistillationCollator", "DistillationTrainer", "Teacher",
 ]  # fmt: skip
 

@@ -22,6 +22,15 @@ import torch
 
 from . import losses
 from .align import CHUNK_SHAPES, AlignStats, _pad, align_spans, as_span_tokenizer
+from .chat import (
+    ChatTemplate,
+    Conversation,
+    _align_sides,
+    _check_train_on,
+    _encode_side,
+    _message_starts,
+    render_prompts,
+)
 from .projection import Projection
 from .tokenizer import load_tokenizer
 
@@ -106,6 +115,9 @@ class Teacher:
         options: further keyword arguments of the loss (``matched``, ``beta``, ``uld_topk``, ``weights``
             for the hybrid losses).
         name: the name the logs use (default ``teacher<i>``, ``i`` its position in the run).
+        chat_template: how this teacher renders conversations (:class:`xtoken.chat.ChatTemplate`'s
+            ``template``: a Jinja string, a name in ``xtoken.chat.CHAT_TEMPLATES`` or a callable); ``None``: its
+            tokenizer's own template (the student's for a teacher with the student's tokenizer).
     """
 
     model: torch.nn.Module
@@ -118,6 +130,7 @@ class Teacher:
     merge: str = "first"
     options: dict[str, Any] | None = None
     name: str | None = None
+    chat_template: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, torch.nn.Module):
@@ -288,19 +301,27 @@ class DistillationCollator:
     """A DataLoader ``collate_fn`` for distillation: tokenizes a batch of texts for the student once and for
     every teacher, and aligns the student with each teacher (SPEC.md §2). Picklable.
 
-    Each example is a text, or a mapping holding one under ``text_key``. A batch is a dict:
+    Each example is a text, or a mapping holding one under ``text_key``; or, for chat data, a conversation (a
+    list of ``{"role", "content"}`` messages, a mapping with ``"messages"``, or one with ``"prompt"`` and
+    ``"completion"``), which every side renders with its own chat template (:mod:`xtoken.chat`). A batch is a dict:
 
-    - ``input_ids``, ``attention_mask`` (int64 ``[B, T_s]``), ``labels`` (``input_ids`` with -100 at padding)
-      and ``student_targets`` (int64 ``[B * T_s]``, the realized next token of each row, -1 where none);
+    - ``input_ids``, ``attention_mask`` (int64 ``[B, T_s]``), ``labels`` (``input_ids`` with -100 at padding;
+      for conversations also at the template and the untrained messages) and ``student_targets`` (int64
+      ``[B * T_s]``, the realized next token of each row, -1 where none);
     - ``teachers``: one dict per teacher with ``input_ids``, ``attention_mask``, ``teacher_targets``,
-      ``chunks`` (int32 ``[K, 4]`` over flattened rows) and ``chunk_stats`` (int64, :data:`CHUNK_STAT_NAMES`).
+      ``chunks`` (int32 ``[K, 4]`` over flattened rows) and ``chunk_stats`` (int64, :data:`CHUNK_STAT_NAMES`);
+    - for conversations, ``conversations``: the parsed :class:`xtoken.chat.Conversation` objects (on-policy
+      training re-renders them with the student's completions).
 
     Args:
         student_tokenizer: the student's tokenizer (anything :func:`xtoken.align.as_span_tokenizer` takes).
         teacher_tokenizers: one tokenizer per teacher (``None``: the student's), or :class:`Teacher` objects.
         max_length: keep at most this many tokens per text on each side (special tokens included).
-        add_special_tokens: let each tokenizer add its BOS/EOS.
+        add_special_tokens: let each tokenizer add its BOS/EOS (texts only: a chat template writes its own).
         text_key: the field holding the text in mapping examples.
+        student_chat_template: how the student renders conversations (``None``: its tokenizer's own template).
+        train_on: ``"assistant"`` or ``"all"``: what the losses and the CE train on in a conversation
+            (:func:`xtoken.align_conversations`).
     """
 
     def __init__(
@@ -311,15 +332,28 @@ class DistillationCollator:
         *,
         add_special_tokens: bool = True,
         text_key: str = "text",
+        student_chat_template: Any = None,
+        train_on: str = "assistant",
     ) -> None:
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
+        _check_train_on(train_on)
         self.student = as_span_tokenizer(student_tokenizer)
         tokenizers = [t.tokenizer if isinstance(t, Teacher) else t for t in teacher_tokenizers]
         self.teachers = [self.student if t is None else as_span_tokenizer(t) for t in tokenizers]
         self.max_length = max_length
         self.add_special_tokens = add_special_tokens
         self.text_key = text_key
+        self.train_on = train_on
+        self.student_template = ChatTemplate(student_tokenizer, student_chat_template)
+        self.teacher_templates = []
+        for t, tokenizer in zip(teacher_tokenizers, tokenizers):
+            template = t.chat_template if isinstance(t, Teacher) else None
+            if tokenizer is None and template is None:
+                self.teacher_templates.append(self.student_template)
+            else:
+                own = student_tokenizer if tokenizer is None else tokenizer
+                self.teacher_templates.append(ChatTemplate(own, template))
 
     def _texts(self, examples: Sequence) -> list[str]:
         texts = []
@@ -338,6 +372,8 @@ class DistillationCollator:
         return _pad(encoded, tokenizer.pad_token_id, left=False)
 
     def __call__(self, examples: Sequence) -> dict[str, Any]:
+        if examples and _is_conversation(examples[0], self.text_key):
+            return self.collate_conversations([Conversation.parse(e, f"example {i}") for i, e in enumerate(examples)])
         texts = self._texts(examples)
         student = self._encode(self.student, texts)
         batch: dict[str, Any] = {
@@ -362,6 +398,57 @@ class DistillationCollator:
                 "chunk_stats": _stat_vector(AlignStats.compute(chunks, alignment.dropped)),
             })  # fmt: skip
         return batch
+
+
+    def collate_conversations(
+        self, conversations: Sequence[Conversation], train_on: str | None = None
+    ) -> dict[str, Any]:
+        """The batch of a list of :class:`xtoken.chat.Conversation` (``train_on`` overrides the collator's)."""
+        train_on = train_on or self.train_on
+        _check_train_on(train_on)
+        trained = [c.trained(train_on) for c in conversations]
+        options = dict(train_on=train_on, max_length=self.max_length, left=False)
+        student = _encode_side(
+            self.student, self.student_template, conversations, trained, side="student", **options
+        )
+        batch: dict[str, Any] = {
+            "input_ids": student.padded.input_ids,
+            "attention_mask": student.padded.attention_mask,
+            "labels": student.labels,
+            "student_targets": student.padded.targets,
+            "teachers": [],
+            "conversations": list(conversations),
+        }
+        starts = _message_starts(conversations, trained)
+        encoded = {(id(self.student), id(self.student_template)): student}
+        for i, (tokenizer, template) in enumerate(zip(self.teachers, self.teacher_templates)):
+            key = (id(tokenizer), id(template))
+            if key not in encoded:
+                encoded[key] = _encode_side(tokenizer, template, conversations, trained, side=f"teacher {i}", **options)
+            teacher = encoded[key].padded
+            chunks, _, stats = _align_sides(student.padded, teacher, starts, "right")
+            batch["teachers"].append({
+                "input_ids": teacher.input_ids,
+                "attention_mask": teacher.attention_mask,
+                "teacher_targets": teacher.targets,
+                "chunks": chunks,
+                "chunk_stats": _stat_vector(stats),
+            })  # fmt: skip
+        return batch
+
+    def generation_prompts(self, conversations: Sequence[Conversation]) -> list[tuple[str, list[int]]]:
+        """Each conversation's prompt as the student continues it, ``(text, ids)``
+        (:func:`xtoken.chat.render_prompts`)."""
+        return render_prompts(conversations, self.student, self.student_template)
+
+
+def _is_conversation(example: Any, text_key: str) -> bool:
+    """Whether a dataset example is a conversation (messages, or a prompt/completion mapping), not a text."""
+    if isinstance(example, Conversation):
+        return True
+    if hasattr(example, "get"):
+        return not isinstance(example.get(text_key), str) and ("messages" in example or "prompt" in example)
+    return isinstance(example, (list, tuple)) and bool(example) and isinstance(example[0], dict)
 
 
 def chunk_stats_summary(stats: np.ndarray | torch.Tensor) -> dict[str, float]:
