@@ -96,11 +96,14 @@ _PLACEHOLDER = "xtokenmessage{}q"
 
 @dataclass(frozen=True)
 class Conversation:
-    """A conversation: its messages (plain dicts with a string ``"content"``) and, for a prompt/completion
-    example, the index of the first completion message (``None`` otherwise)."""
+    """A conversation: its messages (plain dicts with a string ``"content"``), for a prompt/completion example
+    the index of the first completion message (``None`` otherwise), and whether the last message is a sampled
+    completion (``generated``: every side renders the prompt with its generation prompt and appends the text as
+    it is, as the model saw it, instead of rendering the last message through its template)."""
 
     messages: tuple[dict[str, Any], ...]
     completion_start: int | None = None
+    generated: bool = False
 
     @classmethod
     def parse(cls, example: Any, where: str = "conversation") -> Conversation:
@@ -139,9 +142,10 @@ class Conversation:
         return [dict(m) for m in self.messages[:end]]
 
     def with_completion(self, text: str) -> Conversation:
-        """The prompt followed by one assistant message with ``text``, as a prompt/completion conversation."""
+        """The prompt followed by the sampled completion ``text`` (a ``generated`` prompt/completion conversation)."""
         prompt = self.prompt()
-        return Conversation((*prompt, {"role": "assistant", "content": text}), completion_start=len(prompt))
+        message = {"role": "assistant", "content": text}
+        return Conversation((*prompt, message), completion_start=len(prompt), generated=True)
 
 
 def _messages(value: Any, where: str, default_role: str | None = None) -> tuple[dict[str, Any], ...]:
@@ -260,10 +264,14 @@ class ChatTemplate:
     def layout(self, conversation: Conversation, *, closings: bool, where: str) -> _Layout:
         """Render ``conversation`` and find its contents; with ``closings``, also the closing of each assistant
         message (what the template writes right after it when it is the last message, as far as the full rendering
-        continues the same way)."""
+        continues the same way). A ``generated`` conversation is its prompt rendered with the generation prompt,
+        then its last content as it is."""
         messages = conversation.messages
-        text = self.render(messages)
-        pieces = self._pieces(messages, where)
+        rendered = messages[:-1] if conversation.generated else messages
+        text = self.render(rendered, add_generation_prompt=conversation.generated)
+        pieces = self._pieces(rendered, where, add_generation_prompt=conversation.generated)
+        if conversation.generated:
+            text, pieces = text + messages[-1]["content"], [*pieces, ""]
         contents = [m["content"] for m in messages]
         expected = "".join(chain.from_iterable(zip(pieces, contents))) + pieces[-1]
         if text != expected:
@@ -275,21 +283,22 @@ class ChatTemplate:
             at += len(content)
             ends.append(at)
             closing = 0
-            if closings and messages[i]["role"] == "assistant":
+            if closings and messages[i]["role"] == "assistant" and i < len(rendered):
                 own = self._pieces(messages[: i + 1], where)[-1]
                 closing = len(os.path.commonprefix([own, pieces[i + 1]]))
             closing_ends.append(at + closing)
         return _Layout(text, starts, ends, closing_ends)
 
-    def _pieces(self, messages: Sequence[Mapping[str, Any]], where: str) -> list[str]:
+    def _pieces(self, messages: Sequence[Mapping[str, Any]], where: str, add_generation_prompt: bool = False):
         """The template's own text around the contents: ``pieces[i]`` comes before message i's content, the last
         piece after the last content. Found once per conversation shape (roles and other keys)."""
-        key = json.dumps([{k: v for k, v in m.items() if k != "content"} for m in messages], sort_keys=True, default=str)
+        shape = [{k: v for k, v in m.items() if k != "content"} for m in messages]
+        key = json.dumps([shape, add_generation_prompt], sort_keys=True, default=str)
         pieces = self._pieces_cache.get(key)
         if pieces is not None:
             return pieces
         skeleton = [{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)]
-        rendered = self.render(skeleton)
+        rendered = self.render(skeleton, add_generation_prompt)
         pieces, at = [], 0
         for i, message in enumerate(messages):
             mark = _PLACEHOLDER.format(i)
@@ -437,7 +446,8 @@ def _message_starts(conversations: Sequence[Conversation], trained: Sequence[Seq
     """Per conversation, the content-stream offsets where a trained message starts after another one."""
     out = []
     for conversation, flags in zip(conversations, trained):
-        lengths = [len(m["content"].encode("utf-8", "surrogatepass")) for m, t in zip(conversation.messages, flags) if t]
+        contents = [m["content"] for m, t in zip(conversation.messages, flags) if t]
+        lengths = [len(c.encode("utf-8", "surrogatepass")) for c in contents]
         out.append(np.cumsum(lengths[:-1]).tolist())
     return out
 

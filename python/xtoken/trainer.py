@@ -8,11 +8,17 @@ with ``reduction="sum"``), so the gradient of a step is the gradient of the loss
 batch, whatever its split into ranks and accumulation steps. Dynamic scaling multiplies the KD part by
 ``sg(L_ce / L_kd_total)`` of the micro-batch over all ranks (one small all-reduce per micro-batch, which
 also gives the logged statistics); with one accumulation step that is exactly the global batch's ratio.
+
+On-policy (``on_policy=lmbda``, :mod:`xtoken.onpolicy`): a share ``lmbda`` of the optimizer steps, drawn from the
+run's seed and the step number, replaces every micro-batch's completions by the student's own before the counts
+are taken; such a step trains on the teachers' losses over the completion chunks alone (``L_kd_total``, times
+``w_kd`` under fixed weights): the student's own samples are no CE targets.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +40,7 @@ from .distill import (
     prepare_teachers,
     teacher_loss,
 )
+from .onpolicy import CompletionGenerator, GenerationPrompt, HFGenerator, on_policy_step, sampling_seed
 
 __all__ = ["DistillationTrainer"]
 
@@ -62,9 +69,21 @@ class DistillationTrainer(Trainer):
             ``tokenizers.Tokenizer``, a path or a built-in name). Saved with checkpoints when it has
             ``save_pretrained``.
         kd_scaling: ``"dynamic"`` or ``(w_ce, w_kd)``.
-        max_length: tokens kept per text on each side (special tokens included).
+        max_length: tokens kept per text (or rendered conversation) on each side (special tokens included).
         text_key: the field of a dataset example that holds its text.
-        train_dataset, eval_dataset: texts, or mappings (e.g. a ``datasets.Dataset``) with ``text_key``.
+        train_dataset, eval_dataset: texts, or mappings (e.g. a ``datasets.Dataset``) with ``text_key``; or
+            conversations: examples with ``"messages"`` (lists of ``{"role", "content"}``) or with ``"prompt"`` and
+            ``"completion"``, which the student and each teacher render with their own chat templates
+            (:func:`xtoken.align_conversations`).
+        student_chat_template: the student's chat template (``None``: its tokenizer's own); a teacher's is
+            :attr:`xtoken.Teacher.chat_template`.
+        train_on: ``"assistant"`` (default) or ``"all"``: what a conversation trains on.
+        on_policy: lmbda, the share of optimizer steps on which the student generates the completions of the
+            prompts (conversations only; 0: never, exactly the off-policy trainer).
+        generation_config: how the student samples (:class:`xtoken.onpolicy.HFGenerator`); its ``eos_token_id``
+            should be the student template's end-of-turn token.
+        generator: a :class:`xtoken.onpolicy.CompletionGenerator` (e.g. one backed by vLLM) instead of
+            ``model.generate``.
         **kwargs: the other ``transformers.Trainer`` arguments (callbacks, optimizers, ...). A
             ``data_collator`` replaces the :class:`xtoken.DistillationCollator`; it must produce its batches.
 
@@ -84,7 +103,10 @@ class DistillationTrainer(Trainer):
     Logged with each training log: ``ce_loss``, ``kd_loss/<teacher>`` (per chunk, tau^2 included),
     ``kd_scale`` (the mean dynamic ratio, under dynamic scaling), ``chunks/<teacher>``, ``one_to_one/<teacher>``,
     ``student_dropped/<teacher>`` and ``teacher_dropped/<teacher>`` (shares of tokens in no chunk), and
-    ``tokens_per_second`` (student tokens over all ranks per second of wall time, since the last log).
+    ``tokens_per_second`` (student tokens over all ranks per second of wall time, since the last log). With
+    ``on_policy > 0`` also ``on_policy_share`` (the share of micro-batches that were on-policy),
+    ``completion_length`` (student tokens per generated completion, over all ranks) and ``generation_seconds``
+    (this rank's time in generation), all since the last log.
     """
 
     loss_is_scaled_for_ga = True
@@ -99,9 +121,22 @@ class DistillationTrainer(Trainer):
         kd_scaling: str | tuple[float, float] = "dynamic",
         max_length: int | None = None,
         text_key: str = "text",
+        student_chat_template: Any = None,
+        train_on: str = "assistant",
+        on_policy: float = 0.0,
+        generation_config: Any = None,
+        generator: CompletionGenerator | None = None,
         **kwargs: Any,
     ) -> None:
         check_kd_scaling(kd_scaling)
+        if not (isinstance(on_policy, (int, float)) and 0 <= on_policy <= 1 and math.isfinite(on_policy)):
+            raise ValueError(f"on_policy: expected lmbda in [0, 1], got {on_policy!r}")
+        if on_policy and not (teachers if not isinstance(teachers, Teacher) else [teachers]):
+            raise ValueError("on_policy: needs at least one teacher to score the student's completions")
+        if generator is not None and not isinstance(generator, CompletionGenerator):
+            raise TypeError(
+                f"generator: expected an xtoken.onpolicy.CompletionGenerator, got {type(generator).__name__}"
+            )
         if args is None:
             args = TrainingArguments(output_dir="xtoken_distill")
         _check_batching(args)
@@ -111,9 +146,14 @@ class DistillationTrainer(Trainer):
         kwargs.setdefault(
             "data_collator",
             DistillationCollator(
-                student_tokenizer, [p.teacher for p in self.teachers], max_length=max_length, text_key=text_key
+                student_tokenizer, [p.teacher for p in self.teachers], max_length=max_length, text_key=text_key,
+                student_chat_template=student_chat_template, train_on=train_on,
             ),
-        )
+        )  # fmt: skip
+        self.on_policy = float(on_policy)
+        self.generator = None
+        if self.on_policy:
+            self.generator = generator or HFGenerator(student_tokenizer, generation_config)
         if hasattr(student_tokenizer, "save_pretrained"):
             kwargs.setdefault("processing_class", student_tokenizer)
         super().__init__(model=model, args=args, **kwargs)
@@ -128,6 +168,8 @@ class DistillationTrainer(Trainer):
         """The step's micro-batches, and the global counts that normalize them: the student's target tokens
         and each teacher's chunks over every micro-batch of the step on every rank."""
         batch_samples = list(itertools.islice(epoch_iterator, num_batches))
+        if on_policy_step(self.args.seed, self.state.global_step, self.on_policy):
+            batch_samples = [self._on_policy_batch(batch) for batch in batch_samples]
         counts = torch.zeros(1 + len(self.teachers), dtype=torch.float64, device=device)
         for batch in batch_samples:
             counts += self._local_counts(batch).to(device)
@@ -140,6 +182,37 @@ class DistillationTrainer(Trainer):
         targets = (batch["labels"][:, 1:] != -100).sum().double()
         chunks = [targets.new_tensor(float(t["chunks"].shape[0])) for t in batch["teachers"]]
         return torch.stack([targets, *chunks])
+
+    # ------------------------------------------------------------------ on-policy
+    def _on_policy_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with the student's completions of its prompts in place of the data's: sampled by the
+        generator, rendered on every side and aligned; no CE labels. Adds ``on_policy_stats`` (float64: 1, the
+        completions, their student tokens) for the logs."""
+        collator = self.data_collator
+        if not isinstance(collator, DistillationCollator):
+            raise TypeError("on_policy: the data_collator must be an xtoken.DistillationCollator (it renders the "
+                            "student's completions for every teacher)")  # fmt: skip
+        conversations = batch.get("conversations")
+        if conversations is None:
+            raise ValueError("on_policy: needs conversation data (examples with 'messages' or "
+                             "'prompt'/'completion'); this batch holds texts")  # fmt: skip
+        prompts = [
+            GenerationPrompt(c.prompt(), text, ids, sampling_seed(self.args.seed, self.state.global_step, text))
+            for c, (text, ids) in zip(conversations, collator.generation_prompts(conversations))
+        ]
+        start = time.perf_counter()
+        with torch.no_grad():
+            completions = self.generator.generate(self.model, prompts)
+        self._log_generation_seconds += time.perf_counter() - start
+        if len(completions) != len(prompts) or not all(isinstance(c, str) for c in completions):
+            raise TypeError(f"generator: expected {len(prompts)} completion strings, got {completions!r:.200}")
+        generated = collator.collate_conversations([c.with_completion(t) for c, t in zip(conversations, completions)],
+                                                   train_on="assistant")  # fmt: skip
+        generated["labels"] = torch.full_like(generated["labels"], -100)
+        generated["on_policy"] = True
+        tokens = float(generated["teachers"][0]["chunk_stats"][CHUNK_STAT_NAMES.index("student_tokens")])
+        generated["on_policy_stats"] = torch.tensor([1.0, len(prompts), tokens], dtype=torch.float64)
+        return generated
 
     def _all_ranks_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
@@ -171,6 +244,8 @@ class DistillationTrainer(Trainer):
         local_counts = self._local_counts(inputs).to(local.device)
         stats = [t["chunk_stats"].to(local.device, torch.float64) for t in inputs["teachers"]]
         tokens = inputs["attention_mask"].sum().to(local.device, torch.float64).reshape(1)
+        if self.on_policy:
+            stats.append(inputs.get("on_policy_stats", torch.zeros(3, dtype=torch.float64)).to(local.device))
 
         training = model.training and self._step_counts is not None
         if training:
@@ -190,12 +265,15 @@ class DistillationTrainer(Trainer):
         )
         micro_means = micro_sums / micro_counts.clamp_min(1)
         micro_kd = sum((p.weight * micro_means[1 + i] for i, p in enumerate(self.teachers)), micro_means.new_zeros(()))
-        if self.teachers:
+        scale = dynamic_scale(micro_means[0], micro_kd)
+        if inputs.get("on_policy"):
+            loss, scale = kd * (1.0 if self.kd_scaling == "dynamic" else self.kd_scaling[1]), torch.ones_like(scale)
+        elif self.teachers:
             loss = combine_ce_kd(ce, kd, self.kd_scaling, reference=(micro_means[0], micro_kd))
         else:
             loss = ce
         if training:
-            self._accumulate_log_sums(summed, dynamic_scale(micro_means[0], micro_kd))
+            self._accumulate_log_sums(summed, scale)
         # DDP, FSDP and DeepSpeed average gradients over ranks; each rank's share of the global sum is
         # scaled back up by the number of ranks.
         loss = loss * ranks
@@ -219,6 +297,7 @@ class DistillationTrainer(Trainer):
         self._log_scale_sum = 0.0
         self._log_micro_batches = 0
         self._log_time = time.perf_counter()
+        self._log_generation_seconds = 0.0
 
     def _accumulate_log_sums(self, summed: torch.Tensor, scale: torch.Tensor) -> None:
         summed = summed.detach()
@@ -246,6 +325,12 @@ class DistillationTrainer(Trainer):
             summary = chunk_stats_summary(torch.tensor(stats[i * _STATS : (i + 1) * _STATS]))
             for key, value in summary.items():
                 logs[f"{key}/{prepared.name}"] = value
+        if self.on_policy:
+            on_policy_batches, completions, completion_tokens = stats[m * _STATS :]
+            micro_batches = self._log_micro_batches * self.accelerator.num_processes
+            logs["on_policy_share"] = on_policy_batches / max(micro_batches, 1)
+            logs["completion_length"] = completion_tokens / max(completions, 1)
+            logs["generation_seconds"] = self._log_generation_seconds
         return logs
 
 
