@@ -7,7 +7,9 @@ the trained contents and the tokens that close them, and a template that alters 
 from __future__ import annotations
 
 import functools
+import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -313,3 +315,37 @@ def test_bad_conversations_are_named():
         align_conversations(CONVERSATIONS[0][0], student, teacher)
     with pytest.raises(TypeError, match="chat template"):
         ChatTemplate(student, 42)
+
+
+def test_cli_shows_both_renderings_with_the_template_tokens_marked(tmp_path, capsys):
+    from xtoken.cli import main
+
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps(CONVERSATIONS[0][1:3]), encoding="utf-8")
+    student = tmp_path / "student"
+    chat_tokenizer("llama3").save_pretrained(student)  # its template is saved with it
+    assert main(["align", "--chat", str(chat), "--student", str(student), "--teacher", "qwen",
+                 "--teacher-template", "chatml"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "  [<|begin_of_text|>] [<|start_header_id|>] [u] [s] [er] [<|end_header_id|>] [\\n\\n] [H] [ow]" in out
+    assert "' birds' '.' [<|eot_id|>]\n" in out
+    assert "[<|im_start|>] [user] [\\n] [How]" in out
+    assert re.search(r"1:3\s+'201'\s+\| '2' '0' '1'", out)
+    assert "empty_inside 0" in out
+    assert main(["align", "--chat", str(chat), "--student", "qwen", "--teacher", "qwen"]) == 2
+    assert "--student-template: 'qwen' has no saved chat template" in capsys.readouterr().err
+
+
+def test_generated_completions_are_appended_as_sampled():
+    # On-policy: the prompt is rendered with the generation prompt and the sampled text appended as it is, so a
+    # template that trims contents (Llama-3's) never alters a completion.
+    prompt = Conversation.parse(CONVERSATIONS[1][:1])
+    generated = prompt.with_completion(" 2024 cats \n")
+    batch = align_conversations([generated], chat_tokenizer("llama3"), chat_tokenizer("chatml"))
+    check([generated.messages], batch, adapter("llama3"), adapter("chatml"))
+    student = ChatTemplate(chat_tokenizer("llama3"))
+    text = student.render(generated.prompt(), add_generation_prompt=True) + " 2024 cats \n"
+    assert chat_tokenizer("llama3").decode(batch.student_input_ids[0]) == text
+    assert [w for w in tokens_of_chunks(batch, adapter("llama3"), adapter("chatml"))][:2] == [
+        (["Ġ"], ["Ġ"]), (["202"], ["2", "0", "2"]),
+    ]

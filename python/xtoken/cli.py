@@ -156,23 +156,32 @@ def _run_projection_show(args: argparse.Namespace) -> int:
 
 def _add_align(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("align", help="show the chunks of two tokenizations of a text, side by side")
-    p.add_argument("text", nargs="+", help="the text(s) to align")
+    p.add_argument("text", nargs="*", help="the text(s) to align")
     p.add_argument("--student", required=True, help="llama3.2, qwen, qwen3.6, a tokenizer.json or a folder holding one")
     p.add_argument("--teacher", required=True, help="as --student")
     p.add_argument("--max-length", type=int, default=None, help="keep at most this many tokens per side")
     p.add_argument("--no-special-tokens", action="store_true", help="do not add BOS/EOS")
-    p.set_defaults(func=_run_align)
+    p.add_argument(
+        "--chat", metavar="JSON",
+        help="align conversations instead of texts: a JSON file with a list of {role, content} messages (or a list "
+        "of such lists); each side renders them with its chat template",
+    )  # fmt: skip
+    template_help = (
+        "the {} chat template with --chat: a built-in name (llama3, chatml) or a Jinja file; default: the template "
+        "saved with the tokenizer (tokenizer_config.json or chat_template.jinja in its folder)"
+    )
+    p.add_argument("--student-template", help=template_help.format("student's"))
+    p.add_argument("--teacher-template", help=template_help.format("teacher's"))
+    p.add_argument("--train-on", default="assistant", choices=["assistant", "all"],
+                   help="with --chat: the messages whose contents are aligned (default: assistant)")  # fmt: skip
+    p.set_defaults(func=_clean_errors(_run_align))
 
 
-def _run_align(args: argparse.Namespace) -> int:
-    from .align import align_texts, as_span_tokenizer
+def _chunk_rows(data: bytes, batch, b: int, first: int) -> list[tuple[int, str, str, str]]:
+    """Sequence ``b``'s chunks (starting at ``first`` in the table): index, shape, and each side's target pieces
+    (their bytes of ``data``)."""
 
-    student = as_span_tokenizer(args.student)
-    teacher = as_span_tokenizer(args.teacher)
-    batch = align_texts(args.text, student, teacher, max_length=args.max_length,
-                        add_special_tokens=not args.no_special_tokens)
-
-    def pieces(data: bytes, spans, row0: int, row1: int) -> str:
+    def pieces(spans, row0: int, row1: int) -> str:
         # Predictor rows [row0, row1) of the flattened batch hold the targets at rows + 1.
         flat = spans.reshape(-1, 2)
         return " ".join(
@@ -180,20 +189,117 @@ def _run_align(args: argparse.Namespace) -> int:
             for a, z in flat[row0 + 1 : row1 + 1].tolist()
         )
 
+    count = int(batch.chunk_counts[b])
+    return [
+        (k, f"{s1 - s0}:{t1 - t0}", pieces(batch.student_spans, s0, s1), pieces(batch.teacher_spans, t0, t1))
+        for k, (s0, s1, t0, t1) in enumerate(batch.chunks[first : first + count].tolist())
+    ]
+
+
+def _print_chunk_rows(rows: list[tuple[int, str, str, str]]) -> None:
+    width = max([len(r[2]) for r in rows] + [len("student")])
+    print(f"{'chunk':>5}  {'shape':<5}  {'student':<{width}} | teacher")
+    for k, shape, left, right in rows:
+        print(f"{k:>5}  {shape:<5}  {left:<{width}} | {right}")
+
+
+def _run_align(args: argparse.Namespace) -> int:
+    from .align import align_texts, as_span_tokenizer
+
+    if args.chat:
+        return _run_align_chat(args)
+    if not args.text:
+        raise ValueError("give the text(s) to align, or --chat with a JSON file of conversations")
+    student = as_span_tokenizer(args.student)
+    teacher = as_span_tokenizer(args.teacher)
+    batch = align_texts(args.text, student, teacher, max_length=args.max_length,
+                        add_special_tokens=not args.no_special_tokens)
+
     first = 0
     for b, text in enumerate(args.text):
         data = text.encode()
-        count = int(batch.chunk_counts[b])
-        rows = []
-        for k, (s0, s1, t0, t1) in enumerate(batch.chunks[first : first + count].tolist()):
-            rows.append((k, f"{s1 - s0}:{t1 - t0}", pieces(data, batch.student_spans, s0, s1),
-                         pieces(data, batch.teacher_spans, t0, t1)))
-        first += count
-        width = max([len(r[2]) for r in rows] + [len("student")])
+        rows = _chunk_rows(data, batch, b, first)
+        first += len(rows)
         print(f"text {b} ({len(data)} bytes)")
-        print(f"{'chunk':>5}  {'shape':<5}  {'student':<{width}} | teacher")
-        for k, shape, left, right in rows:
-            print(f"{k:>5}  {shape:<5}  {left:<{width}} | {right}")
+        _print_chunk_rows(rows)
+    print(batch.stats)
+    return 0
+
+
+def _chat_template(spec: str, template: str | None, flag: str):
+    """The chat template for ``--student``/``--teacher`` ``spec``: ``template`` (a built-in name or a Jinja file), else
+    the one saved in the tokenizer's folder."""
+    import json
+    from pathlib import Path
+
+    from .chat import CHAT_TEMPLATES
+
+    if template is not None:
+        if template in CHAT_TEMPLATES:
+            return template
+        if not Path(template).is_file():
+            raise ValueError(f"{flag}: {template!r} is neither a built-in template ({', '.join(CHAT_TEMPLATES)}) "
+                             "nor a file")  # fmt: skip
+        return Path(template).read_text(encoding="utf-8")
+    folder = Path(spec)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file() and isinstance(json.loads(config.read_text(encoding="utf-8")).get("chat_template"), str):
+        return json.loads(config.read_text(encoding="utf-8"))["chat_template"]
+    raise ValueError(f"{flag}: {spec!r} has no saved chat template; name one ({', '.join(CHAT_TEMPLATES)}) or give "
+                     "a Jinja file")  # fmt: skip
+
+
+def _run_align_chat(args: argparse.Namespace) -> int:
+    import json
+
+    from .chat import Conversation, align_conversations
+    from .tokenizer import load_tokenizer
+
+    with open(args.chat, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{args.chat}: not JSON ({e.msg})") from None
+    # One conversation (a list of messages, or a mapping), or a list of them.
+    single = isinstance(data, dict) or (isinstance(data, list) and bool(data) and "role" in data[0])
+    if not isinstance(data, list) and not single:
+        raise ValueError(f"{args.chat}: expected a conversation or a list of conversations")
+    conversations = [
+        Conversation.parse(c, f"{args.chat}: conversation {i}") for i, c in enumerate([data] if single else data)
+    ]
+    sides = []
+    for flag, spec, template in (("--student", args.student, args.student_template),
+                                 ("--teacher", args.teacher, args.teacher_template)):  # fmt: skip
+        sides.append((load_tokenizer(spec), _chat_template(spec, template, f"{flag}-template")))
+    (student, student_template), (teacher, teacher_template) = sides
+    batch = align_conversations(
+        conversations, student, teacher, student_template=student_template, teacher_template=teacher_template,
+        max_length=args.max_length, train_on=args.train_on,
+    )  # fmt: skip
+    first = 0
+    for b, conversation in enumerate(conversations):
+        flags = conversation.trained(args.train_on)
+        stream = b"".join(m["content"].encode() for m, t in zip(conversation.messages, flags) if t)
+        print(f"conversation {b}: {len(conversation.messages)} messages, {len(stream)} bytes of trained content")
+        for side, adapter in (("student", student), ("teacher", teacher)):
+            mask = getattr(batch, f"{side}_attention_mask")[b].bool()
+            ids = getattr(batch, f"{side}_input_ids")[b][mask].tolist()
+            spans = getattr(batch, f"{side}_spans")[b][mask].tolist()
+            shown = []
+            for token_id, (a, z) in zip(ids, spans):
+                if a < z:
+                    shown.append(repr(stream[a:z].decode("utf-8", errors="backslashreplace")))
+                else:
+                    surface = adapter.surface_bytes[token_id]
+                    text = adapter.token_strings[token_id] if surface is None else surface.decode("utf-8", "replace")
+                    shown.append("[" + repr(text)[1:-1] + "]")
+            print(f"{side} ({adapter.name}), {len(ids)} tokens; [..]: template and untrained tokens (no span)")
+            print("  " + " ".join(shown))
+        rows = _chunk_rows(stream, batch, b, first)
+        first += len(rows)
+        _print_chunk_rows(rows)
     print(batch.stats)
     return 0
 
@@ -213,7 +319,11 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
         help="a teacher folder, optionally with its weight alpha (default 1) and loss "
         "(pkl, hkl, gold, uld, kd, or auto: the coverage audit's choice; default auto); repeat for several",
     )  # fmt: skip
-    p.add_argument("--data", required=True, help="a JSONL file, one object with a text per line")
+    p.add_argument(
+        "--data", required=True,
+        help="a JSONL file, one object per line with a text, or a conversation ('messages', or 'prompt' and "
+        "'completion'), which the student and each teacher render with their own chat templates",
+    )  # fmt: skip
     p.add_argument("--output", required=True, help="folder for checkpoints, W and the trained student")
     p.add_argument("--text-key", default="text", help="the field holding the text (default: text)")
     p.add_argument("--max-length", type=int, default=1024, help="tokens kept per text and side (default 1024)")
@@ -236,6 +346,12 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
         help="the dtype teachers run in (default: as saved)",
     )  # fmt: skip
     p.add_argument("--bf16", action="store_true", help="train the student in bf16 mixed precision")
+    p.add_argument("--train-on", default="assistant", choices=["assistant", "all"],
+                   help="conversations: train on the assistant messages (default) or on everything")  # fmt: skip
+    p.add_argument("--on-policy", type=float, default=0.0, metavar="LMBDA",
+                   help="conversations: the share of steps on which the student samples the answers (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="on-policy: tokens sampled per answer (default 128)")
+    p.add_argument("--sampling-temperature", type=float, default=1.0, help="on-policy: sampling temperature (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.set_defaults(func=_clean_errors(_run_distill))
@@ -281,7 +397,7 @@ def _kd_scaling(text: str):
     return (w_ce, w_kd)
 
 
-def _read_texts(path: str, key: str) -> list[str]:
+def _read_texts(path: str, key: str) -> list:
     import json
 
     texts = []
@@ -293,9 +409,13 @@ def _read_texts(path: str, key: str) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                raise ValueError(f"{path}:{number}: expected an object with a {key!r} text")
-            texts.append(record[key])
+            conversation = isinstance(record, dict) and ("messages" in record or "prompt" in record)
+            if not isinstance(record, dict) or not (isinstance(record.get(key), str) or conversation):
+                raise ValueError(f"{path}:{number}: expected an object with a {key!r} text, or a conversation "
+                                 "('messages', or 'prompt' and 'completion')")  # fmt: skip
+            if texts and isinstance(texts[0], str) != isinstance(record.get(key), str):
+                raise ValueError(f"{path}:{number}: texts and conversations are mixed; use one kind per file")
+            texts.append(record[key] if isinstance(record.get(key), str) else record)
     if not texts:
         raise ValueError(f"{path}: no texts")
     return texts
@@ -371,9 +491,11 @@ def _run_distill(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps, seed=args.seed, bf16=args.bf16, report_to=[],
         dataloader_pin_memory=torch.cuda.is_available(),
     )  # fmt: skip
+    generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.sampling_temperature}
     trainer = DistillationTrainer(
         student, training_args, teachers=teachers, student_tokenizer=student_tok, kd_scaling=kd_scaling,
-        max_length=args.max_length, train_dataset=texts,
+        max_length=args.max_length, train_dataset=texts, train_on=args.train_on, on_policy=args.on_policy,
+        generation_config=generation,
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=last if args.resume else None)
     trainer.save_model(str(output))
