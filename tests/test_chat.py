@@ -198,6 +198,35 @@ def test_real_pair_truncation_inside_a_message():
     assert stream(conversation, "assistant")[: kept[-1][1]] == b"In 2024 there were "
 
 
+@pytest.mark.parametrize("max_length", [None, 24, 40, 64])
+def test_each_conversation_aligns_in_a_batch_as_alone(max_length):
+    student, teacher = chat_tokenizer("llama3"), chat_tokenizer("chatml")
+    conversations = CONVERSATIONS + [CONVERSATIONS[1][:2], CONVERSATIONS[0][::-1][1:]]
+    batch = align_conversations(conversations, student, teacher, max_length=max_length)
+    check(conversations, batch, adapter("llama3"), adapter("chatml"), truncated=max_length is not None)
+    first = 0
+    for b, conversation in enumerate(conversations):
+        alone = align_conversations([conversation], student, teacher, max_length=max_length)
+        count = int(batch.chunk_counts[b])
+        width = batch.student_input_ids.shape[1], batch.teacher_input_ids.shape[1]
+        rows = [(s0 - b * width[0], s1 - b * width[0], t0 - b * width[1], t1 - b * width[1])
+                for s0, s1, t0, t1 in batch.chunks[first : first + count].tolist()]  # fmt: skip
+        assert rows == [tuple(c) for c in alone.chunks.tolist()], b
+        first += count
+
+
+def test_a_message_start_past_the_cut_leaves_the_next_conversation_alone():
+    # Conversation 0 is cut inside its first answer; its second answer starts (at byte 11 of the stream) past
+    # every byte the batch reaches, which must not drop a chunk of conversation 1.
+    first = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The quick b"},
+             {"role": "user", "content": "x"}, {"role": "assistant", "content": "pq"}]  # fmt: skip
+    second = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "In 201 there were 42 cats, 7 dogs"}]
+    student, teacher = chat_tokenizer("llama3"), chat_tokenizer("chatml")
+    batch = align_conversations([first, second], student, teacher, max_length=22)
+    alone = align_conversations([second], student, teacher, max_length=22)
+    assert int(batch.chunk_counts[1]) == alone.stats.chunks == 2
+
+
 def test_real_pair_left_padding_gives_the_same_chunks():
     right, left = real_pair(CONVERSATIONS), real_pair(CONVERSATIONS, padding_side="left")
     assert right.stats == left.stats

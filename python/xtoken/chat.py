@@ -358,6 +358,18 @@ def _utf8_offsets(text: str, positions: Sequence[int]) -> list[int]:
     return out
 
 
+def _to_stream(x: np.ndarray, sequence: np.ndarray, regions: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """Global byte offsets of the renderings (``x``, in sequence ``sequence``) -> content-stream offsets: inside a
+    region (a trained content) its stream offset; between regions the stream offset where the last one ended (0
+    before the first one of the sequence)."""
+    if not regions:
+        return np.zeros_like(x)
+    start, length, stream, region_sequence = (np.asarray(column, dtype=np.int64) for column in zip(*regions))
+    k = np.maximum(np.searchsorted(start, x, side="right") - 1, 0)
+    valid = (start[k] <= x) & (region_sequence[k] == sequence)
+    return np.where(valid, stream[k] + np.minimum(x - start[k], length[k]), 0)
+
+
 @dataclass(frozen=True)
 class _Side:
     padded: _Padded
@@ -384,43 +396,26 @@ def _encode_side(
     sequence = np.repeat(np.arange(len(texts)), encoded.lengths)
 
     # Trained contents and closings in byte offsets of the renderings laid back to back ("global" offsets).
-    region_start, region_length, region_stream, region_sequence = [], [], [], []
+    regions: list[tuple[int, int, int, int]] = []  # (global start, length, stream offset, sequence)
     closing_start, closing_end = [], []
-    base = 0
+    text_base = [0]
     for b, (layout, flags) in enumerate(zip(layouts, trained)):
         positions = list(chain.from_iterable(zip(layout.content_starts, layout.content_ends, layout.closing_ends)))
         offsets = _utf8_offsets(layout.text, positions + [len(layout.text)])
-        stream = 0
+        base, stream = text_base[-1], 0
         for i, flag in enumerate(flags):
             start, end, closing = offsets[3 * i : 3 * i + 3]
             if not flag:
                 continue
-            region_start.append(base + start)
-            region_length.append(end - start)
-            region_stream.append(stream)
-            region_sequence.append(b)
+            regions.append((base + start, end - start, stream, b))
             stream += end - start
             if closing > end:
                 closing_start.append(base + end)
                 closing_end.append(base + closing)
-        base += offsets[-1]
-    text_base = np.zeros(len(texts) + 1, dtype=np.int64)
-    np.cumsum([len(t.encode("utf-8", "surrogatepass")) for t in texts], out=text_base[1:])
-    a = text_base[sequence] + encoded.spans[:, 0]
-    z = text_base[sequence] + encoded.spans[:, 1]
-
-    def to_stream(x: np.ndarray) -> np.ndarray:
-        starts = np.asarray(region_start, dtype=np.int64)
-        k = np.searchsorted(starts, x, side="right") - 1
-        valid = k >= 0
-        k = np.maximum(k, 0)
-        if starts.size:
-            valid &= np.asarray(region_sequence, dtype=np.int64)[k] == sequence
-            inside = np.minimum(x - starts[k], np.asarray(region_length, dtype=np.int64)[k])
-            return np.where(valid, np.asarray(region_stream, dtype=np.int64)[k] + inside, 0)
-        return np.zeros_like(x)
-
-    spans = np.stack([to_stream(a), to_stream(z)], axis=1)
+        text_base.append(base + offsets[-1])
+    offset = np.asarray(text_base, dtype=np.int64)[sequence]
+    a, z = offset + encoded.spans[:, 0], offset + encoded.spans[:, 1]
+    spans = np.stack([_to_stream(a, sequence, regions), _to_stream(z, sequence, regions)], axis=1)
     if train_on == "all":
         train_ce = np.ones(sequence.size, dtype=bool)
     else:
@@ -468,7 +463,7 @@ def _align_sides(student: _Padded, teacher: _Padded, message_starts: list[list[i
         width = student.spans.shape[1]
         flat = student.spans.reshape(-1, 2).numpy().astype(np.int64)
         sequence = (table[:, 0] + 1) // width
-        stride = int(flat[:, 1].max()) + 1
+        stride = max(int(flat[:, 1].max()), max(m for _, m in boundaries)) + 1
         lo = sequence * stride + flat[table[:, 0] + 1, 0]
         hi = sequence * stride + flat[table[:, 1], 1]
         marks = np.array(sorted(b * stride + m for b, m in boundaries), dtype=np.int64)
