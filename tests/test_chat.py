@@ -285,6 +285,18 @@ def test_sentencepiece_student_is_aligned_exactly_not_by_position():
     assert (["▁201"], ["Ġ", "2", "0", "1"]) in words and (["▁2024"], ["Ġ", "2", "0", "2", "4"]) in words
 
 
+def test_end_of_turn_is_trained_when_pad_equals_eos():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers_util import digit_splitting_bpe
+
+    student = PreTrainedTokenizerFast(tokenizer_object=digit_splitting_bpe(), chat_template=CHATML_TEMPLATE,
+                                      eos_token="<|im_end|>", pad_token="<|im_end|>")  # fmt: skip
+    batch = align_conversations(CONVERSATIONS, student, chat_tokenizer("llama3"))
+    check(CONVERSATIONS, batch, load_tokenizer(student), adapter("llama3"))
+    labels_check(batch, load_tokenizer(student), CONVERSATIONS, student.pad_token_id)
+    assert (batch.student_labels[batch.student_attention_mask == 0] == -100).all()
+
+
 def test_prompt_completion_trains_the_completion_only():
     example = {
         "prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Earlier answer 11."},
