@@ -9,7 +9,7 @@ completion on every side (:func:`xtoken.align_conversations`' rules) and trains 
 Sampling is deterministic per prompt: :class:`HFGenerator` draws with the Gumbel-max trick, its noise a hash of
 (the prompt's seed, the position, the token), so a prompt's completion does not depend on the batch it is in or on
 any random state: two data-parallel ranks sample what one process does, and a resumed run what the uninterrupted
-one did.
+one did. (The seed hashes the prompt's text, so the same prompt twice in one step is sampled once, twice.)
 """
 
 from __future__ import annotations
