@@ -260,6 +260,17 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(z2.grad, z1.grad)
 
 
+def test_module_matches_functional_and_moves():
+    zs, zt, chunks, pieces, ts, tt = make_case()
+    module = xtoken.nn.ChainLoss(pieces, temperature=2.0)
+    expected = xtoken.chain_loss(zs, zt, chunks, pieces, temperature=2.0, student_targets=ts, teacher_targets=tt)
+    torch.testing.assert_close(module(zs, zt, chunks, ts, tt), expected)
+    state = module.state_dict()
+    assert torch.equal(state["student_pieces"], pieces.student) and torch.equal(state["teacher_pieces"], pieces.teacher)
+    module.to(torch.float64)  # buffers are integer tables: unchanged
+    torch.testing.assert_close(module(zs, zt, chunks, ts, tt), expected)
+
+
 def test_bad_inputs_raise():
     zs, zt, chunks, pieces, ts, tt = make_case()
     with pytest.raises(ValueError, match="needs student_targets and teacher_targets"):
@@ -330,3 +341,24 @@ def test_cuda_matches_cpu_kernel(dtype):
         out.append((loss.detach().cpu(), z.grad.cpu()))
     assert rel_error(out[1][0], out[0][0].double()) <= 1e-5
     assert rel_error(out[1][1].float(), out[0][1].float()) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_pkl_chain_selects_per_chunk_shape():
+    from xtoken.testing import random_projection
+
+    zs, zt, chunks, pieces, ts, tt = make_case()
+    W = random_projection(zs.shape[1], zt.shape[1])
+    kw = dict(student_targets=ts, teacher_targets=tt, temperature=1.5)
+    z1, z2 = zs.clone().requires_grad_(), zs.clone().requires_grad_()
+    both = xtoken.pkl_chain_loss(z1, zt, chunks, W, pieces, reduction="none", **kw)
+    one = (chunks[:, 1] - chunks[:, 0] == 1) & (chunks[:, 3] - chunks[:, 2] == 1)
+    assert bool(one.any()) and not bool(one.all())
+    pkl = xtoken.pkl_loss(z2, zt, chunks, W, reduction="none", **kw)
+    chain = xtoken.chain_loss(z2, zt, chunks, pieces, reduction="none", **kw)
+    expected = torch.where(one, pkl, chain)
+    torch.testing.assert_close(both, expected)
+    (2 * both.sum()).backward()
+    (2 * expected.sum()).backward()
+    torch.testing.assert_close(z1.grad, z2.grad)
+    mean = xtoken.pkl_chain_loss(zs, zt, chunks, W, pieces, **kw)
+    torch.testing.assert_close(mean, expected.sum() / chunks.shape[0])

@@ -7,14 +7,14 @@ between two vocabularies, and exact span alignment. See README.md and SPEC.md.
 from . import nn, ops, reference
 from .align import AlignedBatch, AlignedCollator, align_spans, align_texts
 from .distill import DistillationCollator, Teacher
-from .losses import chain_loss, gold_loss, hkl_loss, kd_loss, pkl_loss, project, uld_loss
+from .losses import chain_loss, gold_loss, hkl_loss, kd_loss, pkl_chain_loss, pkl_loss, project, uld_loss
 from .pieces import PieceTables
 from .projection import Projection
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Projection", "PieceTables", "pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "chain_loss", "project",
+    "Projection", "PieceTables", "pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "chain_loss", "pkl_chain_loss", "project",
     "nn", "ops", "reference",
     "__version__", "AlignedBatch", "AlignedCollator", "align_spans", "align_texts",
     "DistillationCollator", "DistillationTrainer", "Teacher",

@@ -66,9 +66,10 @@ METHODS = {
     "hkl": "CE+H-KL",
     "pkl": "CE+P-KL",
     "chain": "CE+chain KL",
+    "pkl+chain": "CE+P-KL (1:1) + chain KL (rest)",
 }
 """Student training methods -> the label of the table. ``"ce"``: no teacher; ``"gold"``, ``"hkl"``, ``"pkl"``,
-``"chain"``: that cross-tokenizer loss (the student has its own, digit-packing tokenizer). The two controls
+``"chain"``, ``"pkl+chain"``: that cross-tokenizer loss (the student has its own, digit-packing tokenizer). The two controls
 train a student of the same size and budget on the *teacher's* tokenizer, under CE only and under CE plus
 same-tokenizer KD: they show what distillation can do in the toy when the tokenizers agree."""
 

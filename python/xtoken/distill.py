@@ -77,6 +77,14 @@ def _piece_tables(projection: Projection | None, student: Any, teacher: Any, stu
     return PieceTables.build(student, teacher, student_vocab_size=student_vocab_size)
 
 
+def _projection_and_pieces(projection: Projection | None, *context: Any) -> tuple[Projection, PieceTables]:
+    return _projection(projection), _piece_tables(projection, *context)
+
+
+def _pkl_chain(student_logits, teacher_logits, chunks, mapping, **options) -> torch.Tensor:
+    return losses.pkl_chain_loss(student_logits, teacher_logits, chunks, *mapping, **options)
+
+
 _LOSSES: dict[str, _LossEntry] = {
     "pkl": _LossEntry(losses.pkl_loss, _projection),  # X-Token projection KL through W
     "hkl": _LossEntry(losses.hkl_loss, _pairs("relaxed")),  # X-Token hybrid on W's relaxed pairs
@@ -84,6 +92,7 @@ _LOSSES: dict[str, _LossEntry] = {
     "uld": _LossEntry(losses.uld_loss, _nothing),  # ULD: sorted L1 over the full vocabularies
     "kd": _LossEntry(losses.kd_loss, _nothing),  # plain KD from a teacher with the student's tokenizer
     "chain": _LossEntry(losses.chain_loss, _piece_tables),  # chain KL along the realized pieces
+    "pkl+chain": _LossEntry(_pkl_chain, _projection_and_pieces),  # P-KL on 1:1 chunks, chain KL on the rest
 }
 LOSS_NAMES = (*_LOSSES, "auto")
 """What a teacher's ``loss`` may be: a loss name, or ``"auto"`` (the coverage audit's recommendation for

@@ -12,7 +12,7 @@ from .pieces import PieceTables
 from .projection import Projection
 from .reference import MATCHED, MERGES, REDUCTIONS, hybrid_weights, reduce
 
-__all__ = ["pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "chain_loss", "project"]
+__all__ = ["pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "chain_loss", "pkl_chain_loss", "project"]
 
 
 def _rows(logits: torch.Tensor, name: str) -> torch.Tensor:
@@ -342,6 +342,39 @@ def chain_loss(
         _targets(teacher_targets, "teacher_targets", zs.device),
     )  # fmt: skip
     return reduce(losses, temperature, reduction)
+
+
+def pkl_chain_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    chunks: torch.Tensor,
+    projection: Projection,
+    pieces: PieceTables,
+    *,
+    temperature: float = 1.0,
+    merge: str = "first",
+    reduction: str = "mean",
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """P-KL (:func:`pkl_loss`) on the 1:1 chunks and the chain KL (:func:`chain_loss`) on the others: the
+    X-Token loss where the tokenizations agree, the chain where one side spells what the other packs. Both
+    losses run on every chunk and the per-chunk results are selected on the device (no host sync), so this
+    costs about the two losses together. ``merge`` is P-KL's."""
+    _check_options(temperature, merge, reduction)
+    zs = _rows(student_logits, "student_logits")
+    table = _chunk_table(chunks, zs.device)
+    targets = dict(student_targets=student_targets, teacher_targets=teacher_targets)
+    pkl = pkl_loss(student_logits, teacher_logits, table, projection, temperature=temperature, merge=merge,
+                   reduction="none", **targets)
+    chain = chain_loss(student_logits, teacher_logits, table, pieces, temperature=temperature, reduction="none",
+                       **targets)
+    one_to_one = (table[:, 1] - table[:, 0] == 1) & (table[:, 3] - table[:, 2] == 1)
+    per_chunk = torch.where(one_to_one, pkl, chain)
+    if reduction == "none":
+        return per_chunk
+    total = per_chunk.sum()
+    return total if reduction == "sum" else total / max(table.shape[0], 1)
 
 
 def project(probs: torch.Tensor, projection: Projection) -> torch.Tensor:
