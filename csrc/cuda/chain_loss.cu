@@ -107,12 +107,22 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainParams p, ChainWor
       const T* zp = lv.teacher_side ? zt + lv.plain_row * p.V_t : zs + lv.plain_row * p.V_s;
       const int64_t V_p = lv.teacher_side ? p.V_t : p.V_s;
       A* lse_p = lv.teacher_side ? lse_t + lv.plain_row : lse_s + lv.plain_row;
+      const int64_t V_c = lv.teacher_side ? p.V_s : p.V_t;
       const int64_t L = tab.L, d = lv.depth;
-      const auto piece_at = [&](int64_t r) { return tab.pieces[r * L + d]; };
+      // Pieces and order entries are range-checked on the host, except under CUDA-graph capture: out-of-range
+      // ones then read as NaN instead of out of bounds.
+      const auto piece_at = [&](int64_t r) {
+        const int32_t piece = tab.pieces[r * L + d];
+        return piece < V_p ? piece : int32_t(-2);
+      };
+      const auto cond_logit = [&](int64_t r) {
+        const int32_t v = tab.order[r];
+        return v >= 0 && v < V_c ? static_cast<A>(zc[v]) : nan_value<A>();
+      };
       const auto run_start = [&](int64_t r) { return r == lv.lo || piece_at(r - 1) != piece_at(r); };
 
       A mx = -INFINITY;
-      for (int64_t r = lv.lo + tid; r < lv.hi; r += step) mx = nan_max(mx, static_cast<A>(zc[tab.order[r]]));
+      for (int64_t r = lv.lo + tid; r < lv.hi; r += step) mx = nan_max(mx, cond_logit(r));
       mx = block_max(mx, scratch);
       if (mx == A(-INFINITY)) mx = 0;  // every token of the range impossible
 
@@ -121,11 +131,9 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainParams p, ChainWor
         if (!run_start(r)) continue;
         const int32_t piece = piece_at(r);
         A s = 0;
-        for (int64_t e = r; e < lv.hi && piece_at(e) == piece; ++e) {
-          s += dexp((static_cast<A>(zc[tab.order[e]]) - mx) * inv_tau);
-        }
-        run[r] = s;
-        local += s;
+        for (int64_t e = r; e < lv.hi && piece_at(e) == piece; ++e) s += dexp((cond_logit(e) - mx) * inv_tau);
+        run[r] = piece == -2 ? nan_value<A>() : s;
+        local += run[r];
         if (piece >= 0) flags[piece] = 1;
       }
       const A total = block_sum(local, scratch);  // also publishes run[] and flags[]
@@ -150,14 +158,14 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainParams p, ChainWor
         if (!run_start(r)) continue;
         const int32_t piece = piece_at(r);
         const A log_cond = dlog(run[r]) - log_total;
-        const A log_plain = piece >= 0 ? static_cast<A>(zp[piece]) * inv_tau - L_p : log_plain_end;
+        const A log_plain = piece >= 0 ? static_cast<A>(zp[piece]) * inv_tau - L_p : (piece == -1 ? log_plain_end : nan_value<A>());
         A rc;
         loss_local += bucket_term(lv.teacher_side, log_cond, log_plain, rc, R_local);
         run[r] = rc;
         if (piece >= 0 && !lv.teacher_side) r_of[piece] = rc;
-        if (piece < 0) shared_r_end = rc;
+        if (piece == -1) shared_r_end = rc;
       }
-      if (tid == 0 && piece_at(lv.lo) >= 0) {  // no token ends here: the "ends here" bucket has cond = 0
+      if (tid == 0 && piece_at(lv.lo) != -1) {  // no token ends here: the "ends here" bucket has cond = 0
         A rc;
         loss_local += bucket_term(lv.teacher_side, A(-INFINITY), log_plain_end, rc, R_local);
         shared_r_end = rc;
@@ -173,7 +181,8 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainParams p, ChainWor
             const A h = R - run[r];
             for (int64_t e = r; e < lv.hi && piece_at(e) == piece; ++e) {
               const int32_t v = tab.order[e];
-              const A gv = scale * dexp((static_cast<A>(zc[v]) - mx) * inv_tau - log_total) * h;
+              if (v < 0 || v >= V_c) continue;
+              const A gv = scale * dexp((cond_logit(e) - mx) * inv_tau - log_total) * h;
               g[v] = d == 0 ? gv : g[v] + gv;
             }
           }
