@@ -77,6 +77,19 @@ TORCH_LIBRARY(xtoken, m) {
       "kd_loss_bwd(Tensor grad_losses, Tensor student_logits, Tensor teacher_logits, Tensor chunks, "
       "float temperature, str merge, Tensor? student_targets, Tensor? teacher_targets, Tensor student_lse, "
       "Tensor teacher_lse) -> Tensor");
+
+  // Chain KL per chunk (SPEC.md §4), unreduced and without the tau^2 factor. The piece tables come in their
+  // sorted layout (rows sorted lexicographically, order = the token of each sorted row; see
+  // include/xtoken/chain_loss.h); the teacher's is optional. The targets are the realized next tokens.
+  m.def(
+      "chain_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor chunks, Tensor student_pieces, "
+      "Tensor student_order, Tensor? teacher_pieces, Tensor? teacher_order, float temperature, "
+      "Tensor student_targets, Tensor teacher_targets) -> (Tensor losses, Tensor student_lse, Tensor teacher_lse)");
+  m.def(
+      "chain_loss_bwd(Tensor grad_losses, Tensor student_logits, Tensor teacher_logits, Tensor chunks, "
+      "Tensor student_pieces, Tensor student_order, Tensor? teacher_pieces, Tensor? teacher_order, "
+      "float temperature, Tensor student_targets, Tensor teacher_targets, Tensor student_lse, "
+      "Tensor teacher_lse) -> Tensor");
 }
 
 }  // namespace xtoken

@@ -84,7 +84,7 @@ void check_targets(const c10::optional<at::Tensor>& targets, const char* name, i
 
 namespace {
 
-enum CheckKind { kChunk = 0, kRange = 1, kOffset = 2, kFinite = 3, kBayes = 4, kDistinct = 5 };
+enum CheckKind { kChunk = 0, kRange = 1, kOffset = 2, kFinite = 3, kBayes = 4, kDistinct = 5, kSorted = 6 };
 
 #define XT_DISPATCH_VALIDATE(fn, ...)                            \
   (device_.is_cuda() ? XT_VALIDATE_CUDA(fn, __VA_ARGS__)         \
@@ -147,6 +147,18 @@ void ContentChecks::distinct(const at::Tensor& t, std::string what) {
   pending_.push_back({what + ": each id may appear at most once", sorted.slice(0, 1), kDistinct});
 }
 
+void ContentChecks::sorted_rows(const at::Tensor& t, std::string what) {
+  if (skip_ || t.size(0) < 2) return;
+  // Row r+1 is out of order when the first column where it differs from row r holds a smaller value.
+  const at::Tensor diff = t.slice(0, 1).to(at::kLong) - t.slice(0, 0, -1).to(at::kLong);
+  const at::Tensor differs = diff.ne(0);
+  const at::Tensor first_col = differs.to(at::kInt).argmax(1, /*keepdim=*/true);
+  const at::Tensor bad = differs.any(1).logical_and(diff.gather(1, first_col).squeeze(1).lt(0)).to(at::kInt);
+  const at::Tensor none = at::scalar_tensor(-1, bad.options().dtype(at::kLong));
+  first_bad_.push_back(at::where(bad.any(), bad.argmax() + 1, none));
+  pending_.push_back({what + ": the rows must be sorted lexicographically", t, kSorted});
+}
+
 void ContentChecks::finite_nonnegative(const at::Tensor& t, std::string what) {
   if (skip_ || t.numel() == 0) return;
   first_bad_.push_back(XT_DISPATCH_VALIDATE(first_negative_or_nonfinite, t));
@@ -181,6 +193,8 @@ void ContentChecks::raise_if_failed() {
         msg << " after chunk " << b[i] - 1 << " = (" << prev[0] << ", " << prev[1] << ", " << prev[2] << ", "
             << prev[3] << ")";
       }
+    } else if (p.kind == kSorted) {
+      msg << "row " << b[i] << " sorts before row " << b[i] - 1;
     } else if (p.kind == kDistinct) {
       msg << "id " << src.reshape({-1})[b[i]].item<int64_t>() << " appears more than once";
     } else {

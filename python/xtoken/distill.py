@@ -31,6 +31,7 @@ from .chat import (
     _message_starts,
     render_prompts,
 )
+from .pieces import PieceTables
 from .projection import Projection
 from .tokenizer import load_tokenizer
 
@@ -53,29 +54,44 @@ __all__ = [
 
 @dataclass(frozen=True)
 class _LossEntry:
-    """``mapping(projection)`` makes, once per teacher, what the loss reads besides logits and chunks (W, the
-    common pairs, or nothing); ``function`` is the functional loss, called as
+    """``mapping(projection, student_tokenizer, teacher_tokenizer, student_vocab_size)`` makes, once per
+    teacher, what the loss reads besides logits and chunks (W, the common pairs, the piece tables, or
+    nothing); ``function`` is the functional loss, called as
     ``function(student_logits, teacher_logits, chunks[, mapping], **options)``."""
 
     function: Callable[..., torch.Tensor]
-    mapping: Callable[[Projection | None], Any]
+    mapping: Callable[..., Any]
 
 
-def _projection(projection: Projection | None) -> Projection:
+def _projection(projection: Projection | None, *context: Any) -> Projection:
     if projection is None:
         raise ValueError("needs a projection W (Projection.build(student_tokenizer, teacher_tokenizer))")
     return projection
 
 
-def _pairs(kind: str) -> Callable[[Projection | None], torch.Tensor]:
-    def pairs(projection: Projection | None) -> torch.Tensor:
+def _pairs(kind: str) -> Callable[..., torch.Tensor]:
+    def pairs(projection: Projection | None, *context: Any) -> torch.Tensor:
         return _projection(projection).common_pairs(kind)
 
     return pairs
 
 
-def _nothing(projection: Projection | None) -> None:
+def _nothing(projection: Projection | None, *context: Any) -> None:
     return None
+
+
+def _piece_tables(projection: Projection | None, student: Any, teacher: Any, student_vocab_size: int | None):
+    if teacher is None:
+        raise ValueError("needs the teacher's tokenizer (the piece tables spell each vocabulary in the other)")
+    return PieceTables.build(student, teacher, student_vocab_size=student_vocab_size)
+
+
+def _projection_and_pieces(projection: Projection | None, *context: Any) -> tuple[Projection, PieceTables]:
+    return _projection(projection), _piece_tables(projection, *context)
+
+
+def _pkl_chain(student_logits, teacher_logits, chunks, mapping, **options) -> torch.Tensor:
+    return losses.pkl_chain_loss(student_logits, teacher_logits, chunks, *mapping, **options)
 
 
 _LOSSES: dict[str, _LossEntry] = {
@@ -84,6 +100,8 @@ _LOSSES: dict[str, _LossEntry] = {
     "gold": _LossEntry(losses.gold_loss, _pairs("exact")),  # GOLD: hybrid on exact string matches
     "uld": _LossEntry(losses.uld_loss, _nothing),  # ULD: sorted L1 over the full vocabularies
     "kd": _LossEntry(losses.kd_loss, _nothing),  # plain KD from a teacher with the student's tokenizer
+    "chain": _LossEntry(losses.chain_loss, _piece_tables),  # chain KL along the realized pieces
+    "pkl+chain": _LossEntry(_pkl_chain, _projection_and_pieces),  # P-KL on 1:1 chunks, chain KL on the rest
 }
 LOSS_NAMES = (*_LOSSES, "auto")
 """What a teacher's ``loss`` may be: a loss name, or ``"auto"`` (the coverage audit's recommendation for
@@ -200,7 +218,7 @@ def prepare_teachers(
         if loss == "kd" and teacher.tokenizer is not None and load_tokenizer(teacher.tokenizer).vocab_hash != student.vocab_hash:
             raise ValueError(f"{where}: KD needs the student's vocabulary; give a projection and another loss")
         projection = teacher.projection
-        if projection is None and loss not in ("kd", "uld"):
+        if projection is None and loss not in ("kd", "uld", "chain"):
             raise ValueError(
                 f"{where}: no projection was given; this loss needs "
                 "Projection.build(student_tokenizer, teacher_tokenizer)"
@@ -211,7 +229,8 @@ def prepare_teachers(
             if student_vocab_size is not None and student_vocab_size > projection.student_vocab_size:
                 projection = projection.pad_to(student_vocab_size)
         try:
-            mapping = _LOSSES[loss].mapping(projection)
+            teacher_tokenizer = None if teacher.tokenizer is None else load_tokenizer(teacher.tokenizer)
+            mapping = _LOSSES[loss].mapping(projection, student, teacher_tokenizer, student_vocab_size)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
         prepared.append(PreparedTeacher(teacher, name, loss, mapping))

@@ -8,10 +8,11 @@ import math
 import torch
 
 from . import ops as _ops  # noqa: F401  (registers fakes and autograd)
+from .pieces import PieceTables
 from .projection import Projection
 from .reference import MATCHED, MERGES, REDUCTIONS, hybrid_weights, reduce
 
-__all__ = ["pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "project"]
+__all__ = ["pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "chain_loss", "pkl_chain_loss", "project"]
 
 
 def _rows(logits: torch.Tensor, name: str) -> torch.Tensor:
@@ -282,6 +283,98 @@ def pkl_loss(
         _targets(teacher_targets, "teacher_targets", zs.device),
     )  # fmt: skip
     return reduce(losses, temperature, reduction)
+
+
+def chain_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    chunks: torch.Tensor,
+    pieces: PieceTables,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+    merge: str = "first",
+) -> torch.Tensor:
+    """Chain KL (SPEC.md §4), fused: per chunk, the KL between the teacher's and the student's conditional
+    distributions of the next piece along the realized pieces, so a student token that the teacher spells in
+    several pieces ("85" -> "8", "5") learns the teacher's whole spelling, not only its first piece.
+
+    On a 1:1 or 1:N chunk, level i (i = 0..n) conditions the student's distribution (row s0) on the teacher's
+    realized pieces ``x_0..x_{i-1}`` and marginalizes it onto the next piece (or "the student token ends
+    here"): among the student tokens spelled ``x_0..x_{i-1}...``, their mass by piece i. The teacher's row
+    t0 + i gives the same distribution directly (its mass on those pieces; the rest is "ends here"); level n
+    reads the teacher row after the chunk, so it tells the student where its token ends. An M:1 chunk runs the
+    mirror image along the student's pieces (the teacher's one row conditioned on them), an M:N chunk its
+    first level. Each level is a KL (teacher || student) with ``log(model + 1e-10)``; the chunk's loss is their
+    sum. See :func:`xtoken.reference.chain_chunk_losses` for the formulas.
+
+    Args:
+        student_logits, teacher_logits: as for :func:`pkl_loss`.
+        chunks: int32 ``[K, 4]`` rows ``(s0, s1, t0, t1)`` as alignment makes them (the level after a 1:N chunk
+            reads teacher row t1, which alignment guarantees is the row after the chunk's last piece).
+        pieces: the :class:`PieceTables` of the two tokenizers (``PieceTables.build``).
+        temperature: tau > 0; the loss is multiplied by tau^2.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``, as for :func:`pkl_loss`.
+        student_targets, teacher_targets: int64 ``[N_s]`` / ``[N_t]``, the realized next token of each row
+            (required: they are the pieces the levels condition on).
+        merge: accepted for a uniform signature; only ``"first"`` (the chain reads each row itself).
+
+    Returns:
+        A float32 scalar (float64 for float64 logits), or ``[K]`` for ``reduction="none"``.
+
+    Equivalent to :func:`xtoken.reference.chain_loss`.
+    """
+    _check_options(temperature, merge, reduction)
+    if merge != "first":
+        raise ValueError(f"merge: the chain loss reads every row of a chunk itself; expected 'first', got {merge!r}")
+    if not isinstance(pieces, PieceTables):
+        raise TypeError(f"pieces: expected an xtoken.PieceTables, got {type(pieces).__name__}")
+    if student_targets is None or teacher_targets is None:
+        raise ValueError("chain_loss needs student_targets and teacher_targets (the realized pieces it conditions on)")
+    zs = _rows(student_logits, "student_logits")
+    zt = _rows(teacher_logits, "teacher_logits")
+    tables = pieces.to(zs.device)
+    losses, _, _ = torch.ops.xtoken.chain_loss_fwd(
+        zs, zt, _chunk_table(chunks, zs.device), *tables.kernel_args(zs.shape[1], zt.shape[1]), float(temperature),
+        _targets(student_targets, "student_targets", zs.device),
+        _targets(teacher_targets, "teacher_targets", zs.device),
+    )  # fmt: skip
+    return reduce(losses, temperature, reduction)
+
+
+def pkl_chain_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    chunks: torch.Tensor,
+    projection: Projection,
+    pieces: PieceTables,
+    *,
+    temperature: float = 1.0,
+    merge: str = "first",
+    reduction: str = "mean",
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """P-KL (:func:`pkl_loss`) on the 1:1 chunks and the chain KL (:func:`chain_loss`) on the others: the
+    X-Token loss where the tokenizations agree, the chain where one side spells what the other packs. Both
+    losses run on every chunk and the per-chunk results are selected on the device (no host sync), so this
+    costs about the two losses together. ``merge`` is P-KL's."""
+    _check_options(temperature, merge, reduction)
+    zs = _rows(student_logits, "student_logits")
+    table = _chunk_table(chunks, zs.device)
+    targets = dict(student_targets=student_targets, teacher_targets=teacher_targets)
+    pkl = pkl_loss(student_logits, teacher_logits, table, projection, temperature=temperature, merge=merge,
+                   reduction="none", **targets)
+    chain = chain_loss(student_logits, teacher_logits, table, pieces, temperature=temperature, reduction="none",
+                       **targets)
+    one_to_one = (table[:, 1] - table[:, 0] == 1) & (table[:, 3] - table[:, 2] == 1)
+    per_chunk = torch.where(one_to_one, pkl, chain)
+    if reduction == "none":
+        return per_chunk
+    total = per_chunk.sum()
+    return total if reduction == "sum" else total / max(table.shape[0], 1)
 
 
 def project(probs: torch.Tensor, projection: Projection) -> torch.Tensor:

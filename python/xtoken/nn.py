@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from . import losses
+from .pieces import PieceTables
 from .projection import Projection
 
-__all__ = ["PKLLoss", "GOLDLoss", "HKLLoss", "ULDLoss", "KDLoss", "XTokenLoss"]
+__all__ = ["PKLLoss", "GOLDLoss", "HKLLoss", "ULDLoss", "KDLoss", "ChainLoss", "XTokenLoss"]
 
 
 class PKLLoss(nn.Module):
@@ -153,6 +154,51 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, merge={self.merge!r}, reduction={self.reduction!r}"
+
+
+class ChainLoss(nn.Module):
+    """Module form of :func:`xtoken.chain_loss`. The piece tables are buffers, so ``.to(device)`` moves them and
+    ``state_dict()`` saves them; the targets are required.
+
+    Example::
+
+        loss_fn = xtoken.nn.ChainLoss(xtoken.PieceTables.build(llama_tok, qwen_tok)).to("cuda")
+        loss = loss_fn(student_logits, teacher_logits, chunks, student_targets, teacher_targets)
+    """
+
+    def __init__(self, pieces: PieceTables, *, temperature: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__()
+        if not isinstance(pieces, PieceTables):
+            raise TypeError(f"pieces: expected an xtoken.PieceTables, got {type(pieces).__name__}")
+        losses._check_options(temperature, "first", reduction)
+        self.register_buffer("student_pieces", pieces.student)
+        self.register_buffer("teacher_pieces", pieces.teacher)
+        self.temperature = temperature
+        self.reduction = reduction
+        self._pieces = pieces
+
+    def pieces(self) -> PieceTables:
+        """The module's piece tables on the device of its buffers."""
+        if self._pieces.student is not self.student_pieces or self._pieces.teacher is not self.teacher_pieces:
+            self._pieces = PieceTables(self.student_pieces, self.teacher_pieces)
+        return self._pieces
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        chunks: torch.Tensor,
+        student_targets: torch.Tensor | None = None,
+        teacher_targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return losses.chain_loss(student_logits, teacher_logits, chunks, self.pieces(), temperature=self.temperature,
+                                 reduction=self.reduction, student_targets=student_targets,
+                                 teacher_targets=teacher_targets)
+
+    def extra_repr(self) -> str:
+        mirror = self.teacher_pieces is not None
+        return (f"V_s={self.student_pieces.shape[0]}, L={self.student_pieces.shape[1]}, mirror={mirror}, "
+                f"temperature={self.temperature}, reduction={self.reduction!r}")
 
 
 XTOKEN_MODES = ("auto", "pkl", "hkl")

@@ -15,7 +15,7 @@ __all__ = ["built_with_cuda", "cuda_kernels_registered", "OP_NAMES"]
 
 OP_NAMES = (
     "project_fwd", "project_bwd", "pkl_loss_fwd", "pkl_loss_bwd", "hybrid_loss_fwd", "hybrid_loss_bwd", "kd_loss_fwd",
-    "kd_loss_bwd", "align_spans",
+    "kd_loss_bwd", "chain_loss_fwd", "chain_loss_bwd", "align_spans",
 )  # fmt: skip
 
 
@@ -191,6 +191,38 @@ def _kd_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
 
 
 torch.library.register_autograd("xtoken::kd_loss_fwd", _kd_backward, setup_context=_kd_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# chain_loss: per-chunk chain KL, gradient into the student logits only
+
+
+@torch.library.register_fake("xtoken::chain_loss_fwd")
+def _chain_fwd_fake(student_logits, teacher_logits, chunks, student_pieces, student_order, teacher_pieces,
+                    teacher_order, temperature, student_targets, teacher_targets):
+    return _chunk_loss_fakes(student_logits, teacher_logits, (chunks.shape[0],))
+
+
+@torch.library.register_fake("xtoken::chain_loss_bwd")
+def _chain_bwd_fake(grad_losses, student_logits, *args):
+    return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+
+
+def _chain_setup(ctx, inputs, output):
+    _, lse_s, lse_t = output
+    ctx.mark_non_differentiable(lse_s, lse_t)
+    ctx.temperature = inputs[7]
+    ctx.save_for_backward(*inputs[:7], *inputs[8:], lse_s, lse_t)
+
+
+def _chain_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
+    zs, zt, chunks, sp, so, tp, to, ts, tt, lse_s, lse_t = ctx.saved_tensors
+    grad = torch.ops.xtoken.chain_loss_bwd(grad_losses, zs, zt, chunks, sp, so, tp, to, ctx.temperature, ts, tt,
+                                           lse_s, lse_t)
+    return (grad,) + (None,) * 9
+
+
+torch.library.register_autograd("xtoken::chain_loss_fwd", _chain_backward, setup_context=_chain_setup)
 
 
 # ---------------------------------------------------------------------------------------------

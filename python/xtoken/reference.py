@@ -12,7 +12,7 @@ import torch
 __all__ = [
     "MERGES", "REDUCTIONS", "MATCHED", "PKL_EPS", "JSD_CLAMP", "DROP_REASONS", "pool", "project", "pkl_chunk_losses",
     "pkl_loss", "reduce", "matched_divergence", "sorted_l1", "hybrid_weights", "hybrid_chunk_losses", "hybrid_loss",
-    "kd_chunk_losses", "kd_loss", "align_spans",
+    "kd_chunk_losses", "kd_loss", "chain_levels", "chain_chunk_losses", "chain_loss", "align_spans",
 ]  # fmt: skip
 
 MERGES = ("first", "mean", "bayes")
@@ -261,6 +261,150 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunks: 
             reduction: str = "mean", temperature: float = 1.0, **kwargs) -> torch.Tensor:
     """Reduced KD (SPEC §4); ``kwargs`` as for :func:`kd_chunk_losses`."""
     losses = kd_chunk_losses(student_logits, teacher_logits, chunks, temperature=temperature, **kwargs)
+    return reduce(losses, temperature, reduction)
+
+
+# ------------------------------------------------------------------------------------------ chain KL
+
+
+def chain_levels(chunks: torch.Tensor, num_student_rows: int, num_teacher_rows: int, student_pieces_len: int,
+                 teacher_pieces_len: int | None, student_targets: torch.Tensor | None,
+                 teacher_targets: torch.Tensor | None) -> list[tuple[int, str, int, int, list[int]]]:
+    """The levels of the chain loss (SPEC §4, chain KL): ``(chunk, side, conditioned row, plain row, prefix)``
+    per level, where ``side`` is ``"teacher"`` for a level along the teacher's pieces (the student row is
+    conditioned on the realized teacher prefix and compared with a teacher row) and ``"student"`` for a
+    level along the student's pieces of an M:1 chunk (the teacher row is conditioned on the realized student
+    prefix and compared with a student row).
+
+    - 1:1 and 1:N chunks: levels i = 0..n along the teacher's n pieces, all on the student row s0; level i
+      reads teacher row t0 + i (t1 for i = n, the level "after the chunk", left out when t1 = N_t).
+    - M:1 chunks: levels j = 0..m-1 along the student's m pieces, all on the teacher row t0; level j reads
+      student row s0 + j. Without a teacher piece table, as M:N.
+    - M:N chunks: level 0 of the first kind (student row s0, teacher row t0, no prefix).
+    A level's depth (its prefix length) must be below the piece tables' length L; deeper levels are left out.
+    """
+    levels = []
+    tt = None if teacher_targets is None else teacher_targets.reshape(-1).tolist()
+    ts = None if student_targets is None else student_targets.reshape(-1).tolist()
+    for k, (s0, s1, t0, t1) in enumerate(chunks.tolist()):
+        m, n = s1 - s0, t1 - t0
+        if m == 1:
+            for i in range(min(n + 1, student_pieces_len)):
+                row = t0 + i
+                if row >= num_teacher_rows:
+                    break
+                levels.append((k, "teacher", s0, row, [] if i == 0 else tt[t0 : t0 + i]))
+        elif n == 1 and teacher_pieces_len is not None:
+            for j in range(min(m, teacher_pieces_len)):
+                levels.append((k, "student", t0, s0 + j, [] if j == 0 else ts[s0 : s0 + j]))
+        else:
+            levels.append((k, "teacher", s0, t0, []))
+    return levels
+
+
+def _safe_log(x: torch.Tensor) -> torch.Tensor:
+    """log x, -inf where x = 0, with finite gradients everywhere (the -inf entries get none)."""
+    positive = x > 0
+    return torch.where(positive, torch.log(torch.where(positive, x, torch.ones_like(x))), float("-inf"))
+
+
+def _chain_level_terms(cond_logits: torch.Tensor, table: torch.Tensor, prefixes: list[list[int]],
+                       plain_logits: torch.Tensor, target_is_plain: bool) -> torch.Tensor:
+    """The KL of each level of one kind (``[P]``): ``cond_logits [P, V_c]`` (already divided by tau) conditioned
+    through ``table [V_c, L]`` on ``prefixes``, against ``plain_logits [P, V_p]``; the target is the plain
+    side when ``target_is_plain`` (teacher-side levels), the conditioned side otherwise."""
+    P, V_c = cond_logits.shape
+    V_p = plain_logits.shape[1]
+    device = cond_logits.device
+    table = table.to(device).long()
+    depth = torch.tensor([len(x) for x in prefixes], dtype=torch.long, device=device)
+    member = torch.ones(P, V_c, dtype=torch.bool, device=device)
+    for r in range(table.shape[1]):
+        wanted = torch.tensor([x[r] if r < len(x) else -1 for x in prefixes], dtype=torch.long, device=device)
+        member &= (depth[:, None] <= r) | (table[:, r][None, :] == wanted[:, None])
+    piece = table.t()[depth]  # [P, V_c]: piece `depth` of every token (-1: the token ends there)
+    end, outside = V_p, V_p + 1
+    bucket = torch.where(piece >= 0, piece, end)
+    bucket = torch.where(member, bucket, outside)
+    counts = torch.zeros(P, V_p + 2, dtype=torch.long, device=device).scatter_add_(1, bucket, member.long())
+    masked = cond_logits.masked_fill(~member, float("-inf"))
+    shift = masked.amax(dim=1, keepdim=True).detach()
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    weights = torch.exp(masked - shift)
+    sums = torch.zeros(P, V_p + 2, dtype=cond_logits.dtype, device=device).scatter_add(1, bucket, weights)
+    sums = sums[:, : V_p + 1]
+    total = sums.sum(dim=1, keepdim=True)
+    log_cond = _safe_log(sums) - torch.log(torch.where(total > 0, total, torch.ones_like(total)))
+    present = counts[:, :V_p] > 0
+    plain = torch.softmax(plain_logits, dim=1)
+    log_plain = torch.cat([
+        torch.log_softmax(plain_logits, dim=1).masked_fill(~present, float("-inf")),
+        _safe_log((plain * ~present).sum(dim=1, keepdim=True)),
+    ], dim=1)  # fmt: skip
+    log_target, log_model = (log_plain, log_cond) if target_is_plain else (log_cond, log_plain)
+    target = log_target.exp()
+    zero = target == 0  # a NaN target propagates
+    safe_log_target = torch.where(zero, torch.zeros_like(log_target), log_target)
+    terms = torch.where(zero, torch.zeros_like(target), target * (safe_log_target - torch.log(log_model.exp() + PKL_EPS)))
+    has_members = member.any(dim=1)
+    return torch.where(has_members, terms.sum(dim=1), torch.zeros_like(terms[:, 0]))
+
+
+def chain_chunk_losses(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    chunks: torch.Tensor,
+    student_pieces: torch.Tensor,
+    teacher_pieces: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Chain KL per chunk (SPEC §4), without tau^2: a ``[K]`` tensor, the sum of the chunk's level KLs.
+
+    A level compares the distribution of one side's row, conditioned on the other side's realized prefix
+    ``x_0..x_{i-1}`` and marginalized onto the next piece, with the other side's row. With ``D`` the piece
+    table of the conditioned side, ``S = {v : D[v, r] = x_r for r < i}`` (the level is 0 when S is empty),
+    ``bucket(v) = D[v, i]`` or "ends here" (``D[v, i] = -1``) and ``C`` the pieces that occur:
+
+        cond(c)  = sum_{v in S, bucket(v) = c} p(v) / sum_{v in S} p(v)          c in C and "ends here"
+        plain(c) = p'(c) for c in C,  plain("ends here") = sum_{u not in C} p'(u)
+        L_level  = sum_c target(c) (log target(c) - log(model(c) + eps))
+
+    where target/model are plain/cond on the teacher-side levels and cond/plain on the student-side levels
+    (:func:`chain_levels`). ``student_pieces [V_s, L]`` spell student tokens in teacher ids,
+    ``teacher_pieces [V_t, L']`` teacher tokens in student ids (:class:`xtoken.PieceTables`)."""
+    zs = student_logits.reshape(-1, student_logits.shape[-1]).to(dtype) / temperature
+    zt = teacher_logits.reshape(-1, teacher_logits.shape[-1]).to(dtype) / temperature
+    K = chunks.shape[0]
+    levels = chain_levels(chunks, zs.shape[0], zt.shape[0], student_pieces.shape[1],
+                          None if teacher_pieces is None else teacher_pieces.shape[1], student_targets,
+                          teacher_targets)
+    losses = zs.new_zeros(K)
+    for side in ("teacher", "student"):
+        chosen = [level for level in levels if level[1] == side]
+        if not chosen:
+            continue
+        chunk_ids = torch.tensor([level[0] for level in chosen], device=zs.device)
+        cond_rows = torch.tensor([level[2] for level in chosen], device=zs.device)
+        plain_rows = torch.tensor([level[3] for level in chosen], device=zs.device)
+        prefixes = [level[4] for level in chosen]
+        if side == "teacher":
+            terms = _chain_level_terms(zs[cond_rows], student_pieces, prefixes, zt[plain_rows], True)
+        else:
+            terms = _chain_level_terms(zt[cond_rows], teacher_pieces, prefixes, zs[plain_rows], False)
+        losses = losses.index_add(0, chunk_ids, terms)
+    return losses
+
+
+def chain_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunks: torch.Tensor,
+               student_pieces: torch.Tensor, teacher_pieces: torch.Tensor | None = None, *,
+               reduction: str = "mean", temperature: float = 1.0, **kwargs) -> torch.Tensor:
+    """Reduced chain KL (SPEC §4); ``kwargs`` as for :func:`chain_chunk_losses`."""
+    losses = chain_chunk_losses(student_logits, teacher_logits, chunks, student_pieces, teacher_pieces,
+                                temperature=temperature, **kwargs)
     return reduce(losses, temperature, reduction)
 
 

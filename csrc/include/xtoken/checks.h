@@ -36,6 +36,8 @@ class ContentChecks {
   void offsets(const at::Tensor& ptr, int64_t total, std::string what);
   // no value of a 1-D integer tensor appears twice.
   void distinct(const at::Tensor& t, std::string what);
+  // the rows of a 2-D integer tensor in lexicographic order (each row <= the next).
+  void sorted_rows(const at::Tensor& t, std::string what);
   // every element finite and >= 0.
   void finite_nonnegative(const at::Tensor& t, std::string what);
   // merge="bayes": the realized target of every prefix row of every chunk (all rows but the last)
