@@ -48,7 +48,21 @@ PyObject* py_set_skip_content_checks(PyObject*, PyObject* args) {
   return PyBool_FromLong(set_skip_content_checks(skip != 0));
 }
 
+// The CUDA architectures the build compiled for (setup.py passes them as XTOKEN_CUDA_ARCHS, e.g.
+// sm_80,sm_90,compute_90: machine code and PTX), so that a test can compare them with the library's contents.
+#define XT_STRINGIFY(...) #__VA_ARGS__
+#define XT_EXPAND_STRINGIFY(...) XT_STRINGIFY(__VA_ARGS__)
+PyObject* py_cuda_architectures(PyObject*, PyObject*) {
+#ifdef XTOKEN_CUDA_ARCHS
+  return PyUnicode_FromString(XT_EXPAND_STRINGIFY(XTOKEN_CUDA_ARCHS));
+#else
+  return PyUnicode_FromString("");
+#endif
+}
+
 PyMethodDef module_methods[] = {
+    {"cuda_architectures", py_cuda_architectures, METH_NOARGS,
+     "The CUDA targets compiled into the library, comma-separated ('' without CUDA)."},
     {"content_check_mode", py_content_check_mode, METH_NOARGS, "The process-wide content check mode."},
     {"set_content_check_mode", py_set_content_check_mode, METH_VARARGS,
      "Set the process-wide content check mode ('auto' or 'always'); returns the previous one."},

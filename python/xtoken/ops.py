@@ -15,7 +15,7 @@ import torch
 from . import _C  # loads the library; its static initializers register the ops
 
 __all__ = [
-    "built_with_cuda", "cuda_kernels_registered", "OP_NAMES", "content_check_mode",
+    "built_with_cuda", "cuda_kernels_registered", "cuda_architectures", "OP_NAMES", "content_check_mode",
     "set_content_check_mode", "skip_content_checks", "content_checks_skipped",
 ]  # fmt: skip
 
@@ -35,6 +35,11 @@ def cuda_kernels_registered() -> dict[str, bool]:
     return {
         name: torch._C._dispatch_has_kernel_for_dispatch_key(f"xtoken::{name}", "CUDA") for name in OP_NAMES
     }
+
+
+def cuda_architectures() -> list[str]:
+    """The CUDA targets this build compiled: machine code ``sm_XX`` and PTX ``compute_XX`` (empty without CUDA)."""
+    return [target for target in _C.cuda_architectures().split(",") if target]
 
 
 # ---------------------------------------------------------------------------------------------
