@@ -145,7 +145,7 @@ def bad_inputs(device: str, W, pairs) -> int:
         rows = torch.zeros(zs.shape[0], dtype=torch.bool)
         for s0, s1, _, _ in chunks[multi].tolist():
             rows[s0:s1] = True
-        ok = bool(loss[multi].isnan().all()) and bool(loss[~multi].isfinite().all()) and bool(grad[~rows].isfinite().all())
+        ok = bool(loss[multi].isnan().all() and loss[~multi].isfinite().all() and grad[~rows].isfinite().all())
         failures += check(name, ok, "NaN exactly where a target is bad:")
     for name, fn in raw.items():
         if device == "cpu":

@@ -28,7 +28,8 @@ def test_cuda_build_registers_every_cuda_kernel():
 
 def _cuobjdump() -> str | None:
     """cuobjdump from PATH, the CUDA toolkit, or Triton's NVIDIA backend (which ships one)."""
-    candidates = [shutil.which("cuobjdump"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    toolkit = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    candidates = [shutil.which("cuobjdump"), os.path.join(toolkit, "bin", "cuobjdump")]
     try:
         import triton
 

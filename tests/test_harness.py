@@ -35,7 +35,9 @@ def test_loss_and_grad_gives_each_run_its_own_leaf():
     # As the CUDA tests run it once per device, here once per dtype: float64 first, where logits.to(float64) is
     # the caller's tensor itself (which must not be marked as requiring gradients), then float32, where it is a
     # copy (which must still be a leaf, with a .grad).
-    (loss64, grad64), (loss32, grad32) = (loss_and_grad(fn, zs, zt, chunks, dtype=d) for d in (torch.float64, torch.float32))
+    (loss64, grad64), (loss32, grad32) = (
+        loss_and_grad(fn, zs, zt, chunks, dtype=dtype) for dtype in (torch.float64, torch.float32)
+    )
     assert not zs.requires_grad and zs.grad is None
     assert grad64.dtype == torch.float64 and grad32.dtype == torch.float32 and grad64.shape == zs.shape
     torch.testing.assert_close(loss32.double(), loss64, rtol=1e-5, atol=1e-6)
