@@ -2,16 +2,17 @@
 # One call on the lent GPU machine (the H200 kind: 16 cores, its own torch, compute-sanitizer and cuobjdump; see
 # the device tool's KINDS.md): build the extension for the visible GPU, check the library's architectures, run
 # the CUDA tests, compute-sanitizer (memcheck, initcheck, racecheck) on bench/sanitizer_case.py and the GPU
-# benchmarks, then print one summary table last. The CPU test suite is not run here: CI runs it.
+# benchmarks (bench_pkl_loss.py, then each bench/device_extra_*.sh), then print one summary table last. The CPU
+# test suite is not run here: CI runs it.
 #
 #   bash bench/device_check.sh        # from the device tool with timeout_s=600
 #
 # It fits in 10 minutes. Expected times on the H200 (estimates until a run measures them; the table shows the
 # real ones): build ~3 min, architectures ~10 s, then in parallel the CUDA tests ~3 min and the three sanitizer
-# runs ~2-3 min each, then the benchmarks ~1.5 min. Every step has a hard limit, and no step runs past a deadline
-# (DEADLINE, default 560 s) that leaves the summary its time, so the table is always printed. Logs go to one
-# tarball and the benchmark CSVs beside it in $OUT (default bench/results/device): the device tool brings back
-# at most 8 files.
+# runs ~2-3 min each, then the benchmarks ~1.5 min (P-KL ~1 min, GOLD ~30 s). Every step has a hard limit,
+# and no step runs past a deadline (DEADLINE, default 560 s) that leaves the summary its time, so the table is
+# always printed. Logs go to one tarball and the benchmark CSVs beside it in $OUT (default
+# bench/results/device): the device tool brings back at most 8 files.
 #
 # Optional wheels: .whl/*.whl (git-ignored; name .whl in the tool's carry) are installed into /tmp/site first.
 # The image's transformers is older than the trainer needs (>= 5.19): carry a transformers wheel for the
@@ -70,9 +71,12 @@ if step build 300 python3 setup.py build_ext --inplace; then
   step initcheck 270 $SANITIZER --tool initcheck python3 bench/sanitizer_case.py &
   step racecheck 270 $SANITIZER --tool racecheck python3 bench/sanitizer_case.py --quick &
   wait
-  # Alone on the GPU, so that the timings are clean.
+  # Alone on the GPU, so that the timings are clean; then each bench/device_extra_*.sh (GOLD against TRL, ...),
+  # with $OUT pointing at this run's logs.
   step bench_pkl 90 python3 bench/bench_pkl_loss.py --device cuda --no-reference --csv "$LOGS/pkl_loss_cuda.csv"
-  step bench_gold 60 python3 bench/bench_gold.py --device cuda --dtypes float32 bfloat16 --csv "$LOGS/gold_loss_cuda.csv"
+  for extra in bench/device_extra_*.sh; do
+    [ -e "$extra" ] && step "$(basename "$extra" .sh)" 60 env OUT="$LOGS" bash "$extra"
+  done
 fi
 for csv in "$LOGS"/*.csv; do  # this run's rows, appended to those in $OUT
   [ -f "$csv" ] || continue
@@ -88,7 +92,7 @@ note() {  # what each step found
   arch | tests) last "$1" "passed|failed|error|skipped" ;;
   memcheck | initcheck) echo "$(last "$1" "ERROR SUMMARY") / workload $(last "$1" "^failures:")" ;;
   racecheck) echo "$(last "$1" "RACECHECK SUMMARY|ERROR SUMMARY") / workload $(last "$1" "^failures:")" ;;
-  bench_gold) last bench_gold "faster than TRL|alone" ;;
+  device_extra_gold) last "$1" "faster than TRL|alone" ;;
   *) last "$1" "." ;;
   esac
 }
@@ -103,7 +107,7 @@ echo
 echo "================================================ summary ================================================"
 head -n 2 "$LOGS/env.log"
 printf '%-12s %-8s %-6s %s\n' step rc seconds result
-for name in wheels build arch tests memcheck initcheck racecheck bench_pkl bench_gold; do
+for name in wheels build arch tests memcheck initcheck racecheck bench_pkl $(ls "$LOGS/rows" | grep ^device_extra_); do
   [ -f "$LOGS/rows/$name" ] || continue
   read -r rc seconds <"$LOGS/rows/$name"
   case $rc in 124 | 137) rc="timeout" ;; esac
