@@ -4,11 +4,82 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstring>
+
+#include "xtoken/checks.h"
+
+namespace xtoken {
+namespace {
+
+// The content-check mode (include/xtoken/checks.h) as plain Python functions of the module: they take
+// no tensors, so they stay out of the dispatcher and out of traced graphs.
+const char* mode_name(ContentCheckMode mode) { return mode == ContentCheckMode::Always ? "always" : "auto"; }
+
+PyObject* py_content_check_mode(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(mode_name(content_check_mode()));
+  } catch (const std::exception& e) {  // XTOKEN_CONTENT_CHECKS holds an unknown mode
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* py_set_content_check_mode(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  if (std::strcmp(name, "auto") != 0 && std::strcmp(name, "always") != 0) {
+    PyErr_Format(PyExc_ValueError, "content check mode: expected 'auto' or 'always', got '%s'", name);
+    return nullptr;
+  }
+  const ContentCheckMode mode = std::strcmp(name, "always") == 0 ? ContentCheckMode::Always : ContentCheckMode::Auto;
+  try {
+    return PyUnicode_FromString(mode_name(set_content_check_mode(mode)));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* py_skip_content_checks(PyObject*, PyObject*) { return PyBool_FromLong(skip_content_checks()); }
+
+PyObject* py_set_skip_content_checks(PyObject*, PyObject* args) {
+  int skip = 0;
+  if (!PyArg_ParseTuple(args, "p", &skip)) return nullptr;
+  return PyBool_FromLong(set_skip_content_checks(skip != 0));
+}
+
+// The CUDA architectures the build compiled for (setup.py passes them as XTOKEN_CUDA_ARCHS, e.g.
+// sm_80,sm_90,compute_90: machine code and PTX), so that a test can compare them with the library's contents.
+#define XT_STRINGIFY(...) #__VA_ARGS__
+#define XT_EXPAND_STRINGIFY(...) XT_STRINGIFY(__VA_ARGS__)
+PyObject* py_cuda_architectures(PyObject*, PyObject*) {
+#ifdef XTOKEN_CUDA_ARCHS
+  return PyUnicode_FromString(XT_EXPAND_STRINGIFY(XTOKEN_CUDA_ARCHS));
+#else
+  return PyUnicode_FromString("");
+#endif
+}
+
+PyMethodDef module_methods[] = {
+    {"cuda_architectures", py_cuda_architectures, METH_NOARGS,
+     "The CUDA targets compiled into the library, comma-separated ('' without CUDA)."},
+    {"content_check_mode", py_content_check_mode, METH_NOARGS, "The process-wide content check mode."},
+    {"set_content_check_mode", py_set_content_check_mode, METH_VARARGS,
+     "Set the process-wide content check mode ('auto' or 'always'); returns the previous one."},
+    {"skip_content_checks", py_skip_content_checks, METH_NOARGS, "Whether this thread is in a skip scope."},
+    {"set_skip_content_checks", py_set_skip_content_checks, METH_VARARGS,
+     "Enter (True) or leave (False) this thread's skip scope; returns the previous value."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+}  // namespace xtoken
+
 extern "C" {
-// Importing xtoken._C loads this library, whose static initializers register the ops. The module
-// itself is empty, so no pybind11 is needed and the limited API suffices.
+// Importing xtoken._C loads this library, whose static initializers register the ops. The module holds
+// only the content-check functions above, so no pybind11 is needed and the limited API suffices.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, xtoken::module_methods};
   return PyModule_Create(&module_def);
 }
 }

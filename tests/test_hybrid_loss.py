@@ -9,7 +9,7 @@ from conftest import DEVICES, assert_close_ratio, rel_error, requires_cuda
 
 import xtoken
 from xtoken import reference
-from xtoken.testing import random_chunks, random_pairs, random_projection, random_targets
+from xtoken.testing import loss_and_grad, random_chunks, random_pairs, random_projection, random_targets
 
 MERGES = ["first", "mean", "bayes"]
 # (matched, beta): KL and the three forms of TRL's generalized JSD.
@@ -470,14 +470,12 @@ def test_nan_logits_give_nan_loss(device, side):
 @pytest.mark.parametrize("uld_topk", [None, 1000])
 def test_cuda_matches_cpu_kernel(dtype, merge, uld_topk):
     zs, zt, chunks, pairs, ts, tt = make_case(V_s=5003, V_t=6007, n_pairs=3000, batch=3, T_s=33, T_t=41, dtype=dtype)
-    out = []
-    for device in ("cpu", "cuda"):
-        z = zs.to(device).requires_grad_()
-        loss = xtoken.gold_loss(z, zt.to(device), chunks.to(device), pairs.to(device), merge=merge, matched="jsd",
-                                beta=0.5, uld_topk=uld_topk, reduction="none", student_targets=ts.to(device),
-                                teacher_targets=tt.to(device))
-        (2 * loss.sum()).backward()
-        out.append((loss.cpu(), z.grad.cpu()))
+
+    def loss_fn(z, zt, chunks, pairs, ts, tt):
+        return xtoken.gold_loss(z, zt, chunks, pairs, merge=merge, matched="jsd", beta=0.5, uld_topk=uld_topk,
+                                reduction="none", student_targets=ts, teacher_targets=tt)
+
+    out = [loss_and_grad(loss_fn, zs, zt, chunks, pairs, ts, tt, device=device) for device in ("cpu", "cuda")]
     assert rel_error(out[1][0], out[0][0].double()) <= 1e-5
     assert rel_error(out[1][1].float(), out[0][1].float()) <= (1e-5 if dtype == torch.float32 else 1e-2)
 

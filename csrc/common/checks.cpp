@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceType.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <sstream>
 
 #ifdef XTOKEN_WITH_CUDA
@@ -107,9 +109,42 @@ bool capturing(const at::Device& device) {
   return false;
 }
 
+ContentCheckMode initial_content_check_mode() {
+  const char* env = std::getenv("XTOKEN_CONTENT_CHECKS");
+  const std::string value = env == nullptr ? "" : env;
+  TORCH_CHECK(value.empty() || value == "auto" || value == "always",
+              "XTOKEN_CONTENT_CHECKS: expected 'auto' or 'always', got '", value, "'");
+  return value == "always" ? ContentCheckMode::Always : ContentCheckMode::Auto;
+}
+
+std::atomic<ContentCheckMode>& mode_slot() {
+  static std::atomic<ContentCheckMode> slot(initial_content_check_mode());
+  return slot;
+}
+
+thread_local bool skip_scope = false;
+
 }  // namespace
 
-ContentChecks::ContentChecks(const at::Device& device) : device_(device), skip_(capturing(device)) {}
+ContentCheckMode content_check_mode() { return mode_slot().load(); }
+
+ContentCheckMode set_content_check_mode(ContentCheckMode mode) { return mode_slot().exchange(mode); }
+
+bool skip_content_checks() { return skip_scope; }
+
+bool set_skip_content_checks(bool skip) {
+  const bool previous = skip_scope;
+  skip_scope = skip;
+  return previous;
+}
+
+bool content_checks_run(const at::Device& device) {
+  if (!device.is_cuda()) return true;
+  if (capturing(device)) return false;
+  return content_check_mode() == ContentCheckMode::Always || !skip_scope;
+}
+
+ContentChecks::ContentChecks(const at::Device& device) : device_(device), skip_(!content_checks_run(device)) {}
 
 void ContentChecks::chunks(const at::Tensor& chunks, int64_t N_s, int64_t N_t, bool disjoint) {
   if (skip_ || chunks.size(0) == 0) return;

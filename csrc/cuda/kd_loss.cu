@@ -83,8 +83,11 @@ __global__ void __launch_bounds__(kThreads) kd_bwd_kernel(LossParams p, Side<T, 
   __shared__ A shared_log_c[2];
   const int64_t k = blockIdx.x;
   const Chunk c = p.chunks[k];
-  if (!chunk_ok(c, p.N_s, p.N_t)) return;  // only reachable when the host checks were skipped
   zero_rows_around_chunk<T>(p, k);
+  if (!chunk_ok(c, p.N_s, p.N_t)) {  // only reachable when the host checks were skipped
+    nan_rows_of_chunk<T>(p, c);
+    return;
+  }
   if (threadIdx.x == 0) {
     shared_log_c[0] = student.log_prefix(c.s0, c.s1);
     shared_log_c[1] = teacher.log_prefix(c.t0, c.t1);

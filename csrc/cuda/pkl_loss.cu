@@ -31,8 +31,8 @@ constexpr int kThreads = 512;
 template <typename T, typename A>
 __device__ __forceinline__ A gather_column(const ProjectionView& W, const Pooled<T, A>& student, int64_t t) {
   A q = 0;
-  const int32_t end = W.col_ptr[t + 1];
-  for (int32_t j = W.col_ptr[t]; j < end; ++j) {
+  const ProjectionView::Range column = W.column(t);
+  for (int64_t j = column.begin; j < column.end; ++j) {
     const int32_t s = W.col_src[j];
     if (static_cast<uint32_t>(s) < static_cast<uint64_t>(student.V)) q += static_cast<A>(W.col_val[j]) * student.prob(s);
   }
@@ -109,8 +109,11 @@ __global__ void __launch_bounds__(kThreads) pkl_bwd_kernel(PklParams p, Side<T, 
 
   for (int64_t k = blockIdx.x; k < p.K; k += gridDim.x) {
     const Chunk c = p.chunks[k];
-    if (!chunk_ok(c, p.N_s, p.N_t)) continue;  // only reachable when the host checks were skipped
     zero_rows_around_chunk<T>(p, k);
+    if (!chunk_ok(c, p.N_s, p.N_t)) {  // only reachable when the host checks were skipped
+      nan_rows_of_chunk<T>(p, c);
+      continue;
+    }
     if (threadIdx.x == 0) {
       shared_log_c[0] = student.log_prefix(c.s0, c.s1);
       shared_log_c[1] = teacher.log_prefix(c.t0, c.t1);

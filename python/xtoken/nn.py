@@ -1,20 +1,47 @@
-"""``nn.Module`` forms of the losses (hold the projection and the options; move with ``.to()``)."""
+"""``nn.Module`` forms of the losses (hold the projection and the options; move with ``.to()``).
+
+A module checks the contents of its inputs (chunk ranges, W, pairs, targets) on its first call on each
+device; later calls skip those checks, which on CUDA saves one host sync per op call, so a training step
+runs without blocking the host (SPEC.md §6). The kernels still guard every index: a bad chunk in a later
+batch gives a NaN loss instead of an error. ``xtoken.ops.set_content_check_mode("always")`` (or
+``XTOKEN_CONTENT_CHECKS=always``) checks every call.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from . import losses
+from . import losses, ops
 from .pieces import PieceTables
 from .projection import Projection
 
 __all__ = ["PKLLoss", "GOLDLoss", "HKLLoss", "ULDLoss", "KDLoss", "ChainLoss", "XTokenLoss"]
 
 
-class PKLLoss(nn.Module):
+class _ChecksOnce(nn.Module):
+    """A loss module whose content checks run on its first call per device only (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._checked_devices: set[torch.device] = set()
+
+    def _call_loss(self, loss: Callable[..., torch.Tensor], student_logits: torch.Tensor, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return loss(student_logits, *args, **kwargs)
+        device = student_logits.device
+        with ops.skip_content_checks(device in self._checked_devices):
+            result = loss(student_logits, *args, **kwargs)
+        self._checked_devices.add(device)
+        return result
+
+
+class PKLLoss(_ChecksOnce):
     """Module form of :func:`xtoken.pkl_loss`. W is registered as buffers, so ``.to(device)`` moves it
-    and ``state_dict()`` saves it.
+    and ``state_dict()`` saves it. Content checks on the first call per device only (see the module
+    docstring).
 
     Example::
 
@@ -51,8 +78,8 @@ class PKLLoss(nn.Module):
         student_targets: torch.Tensor | None = None,
         teacher_targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return losses.pkl_loss(
-            student_logits, teacher_logits, chunks, self.projection(), temperature=self.temperature,
+        return self._call_loss(
+            losses.pkl_loss, student_logits, teacher_logits, chunks, self.projection(), temperature=self.temperature,
             merge=self.merge, reduction=self.reduction, student_targets=student_targets,
             teacher_targets=teacher_targets,
         )  # fmt: skip
@@ -62,7 +89,7 @@ class PKLLoss(nn.Module):
                 f"merge={self.merge!r}, reduction={self.reduction!r}")
 
 
-class _HybridLoss(nn.Module):
+class _HybridLoss(_ChecksOnce):
     """The hybrid loss with its common pairs as a buffer (see :func:`xtoken.gold_loss` for the options)."""
 
     _pair_kind = "exact"
@@ -89,9 +116,9 @@ class _HybridLoss(nn.Module):
         student_targets: torch.Tensor | None = None,
         teacher_targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return losses._hybrid_loss(
-            student_logits, teacher_logits, chunks, self.pairs, temperature=self.temperature, merge=self.merge,
-            matched=self.matched, beta=self.beta, uld_topk=self.uld_topk, weights=self.weights,
+        return self._call_loss(
+            losses._hybrid_loss, student_logits, teacher_logits, chunks, self.pairs, temperature=self.temperature,
+            merge=self.merge, matched=self.matched, beta=self.beta, uld_topk=self.uld_topk, weights=self.weights,
             reduction=self.reduction, student_targets=student_targets, teacher_targets=teacher_targets,
         )  # fmt: skip
 
@@ -130,7 +157,7 @@ class ULDLoss(_HybridLoss):
                          uld_topk=uld_topk, weights=(0.0, 1.0), reduction=reduction)
 
 
-class KDLoss(nn.Module):
+class KDLoss(_ChecksOnce):
     """Module form of :func:`xtoken.kd_loss` (same-vocabulary KD)."""
 
     def __init__(self, *, temperature: float = 1.0, merge: str = "first", reduction: str = "mean") -> None:
@@ -148,9 +175,9 @@ class KDLoss(nn.Module):
         student_targets: torch.Tensor | None = None,
         teacher_targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return losses.kd_loss(student_logits, teacher_logits, chunks, temperature=self.temperature, merge=self.merge,
-                              reduction=self.reduction, student_targets=student_targets,
-                              teacher_targets=teacher_targets)
+        return self._call_loss(losses.kd_loss, student_logits, teacher_logits, chunks, temperature=self.temperature,
+                               merge=self.merge, reduction=self.reduction, student_targets=student_targets,
+                               teacher_targets=teacher_targets)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, merge={self.merge!r}, reduction={self.reduction!r}"

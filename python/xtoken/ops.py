@@ -7,11 +7,17 @@ backward of a forward op calls its registered backward op, so autograd stays ins
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-from . import _C  # noqa: F401  (loads the library; its static initializers register the ops)
+from . import _C  # loads the library; its static initializers register the ops
 
-__all__ = ["built_with_cuda", "cuda_kernels_registered", "OP_NAMES"]
+__all__ = [
+    "built_with_cuda", "cuda_kernels_registered", "cuda_architectures", "OP_NAMES", "content_check_mode",
+    "set_content_check_mode", "skip_content_checks", "content_checks_skipped",
+]  # fmt: skip
 
 OP_NAMES = (
     "project_fwd", "project_bwd", "pkl_loss_fwd", "pkl_loss_bwd", "hybrid_loss_fwd", "hybrid_loss_bwd", "kd_loss_fwd",
@@ -29,6 +35,49 @@ def cuda_kernels_registered() -> dict[str, bool]:
     return {
         name: torch._C._dispatch_has_kernel_for_dispatch_key(f"xtoken::{name}", "CUDA") for name in OP_NAMES
     }
+
+
+def cuda_architectures() -> list[str]:
+    """The CUDA targets this build compiled: machine code ``sm_XX`` and PTX ``compute_XX`` (empty without CUDA)."""
+    return [target for target in _C.cuda_architectures().split(",") if target]
+
+
+# ---------------------------------------------------------------------------------------------
+# When the ops check the contents of their inputs (SPEC.md §6). CPU inputs are always checked. On CUDA the
+# checks of one op call cost one host sync; they are skipped during CUDA-graph capture and inside a skip scope
+# (the kernels still guard every index: an invalid chunk gives NaN instead of an error), unless the mode is
+# "always".
+
+
+def content_check_mode() -> str:
+    """The process-wide mode: ``"auto"`` (default) or ``"always"`` (every call checks; for debugging)."""
+    return _C.content_check_mode()
+
+
+def set_content_check_mode(mode: str) -> str:
+    """Set the process-wide mode, ``"auto"`` or ``"always"`` (also ``XTOKEN_CONTENT_CHECKS=always`` at start);
+    returns the previous one. ``"always"`` makes every op call check its CUDA inputs (one host sync each),
+    skip scopes included."""
+    return _C.set_content_check_mode(mode)
+
+
+@contextlib.contextmanager
+def skip_content_checks(skip: bool = True) -> Iterator[None]:
+    """Ops called on this thread inside the block skip the content checks of CUDA inputs (no host sync), unless
+    the mode is ``"always"``. Shape, dtype and device checks always run. The nn modules and the trainer use it
+    after their first call; autograd's backward of every xtoken op uses it (the forward checked the same
+    inputs). ``skip=False`` checks inside the block even within an outer skip scope."""
+    previous = _C.set_skip_content_checks(skip)
+    try:
+        yield
+    finally:
+        _C.set_skip_content_checks(previous)
+
+
+def content_checks_skipped() -> bool:
+    """Whether an op called now on this thread skips the content checks of CUDA inputs (outside a graph
+    capture, where they are always skipped)."""
+    return _C.skip_content_checks() and content_check_mode() != "always"
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,7 +112,8 @@ def _project_setup(ctx, inputs, output):
 
 
 def _project_backward(ctx, grad_q):
-    grad = torch.ops.xtoken.project_bwd(grad_q, *ctx.saved_tensors)
+    with skip_content_checks():  # the forward checked W
+        grad = torch.ops.xtoken.project_bwd(grad_q, *ctx.saved_tensors)
     return grad, None, None, None, None, None
 
 
@@ -76,7 +126,8 @@ def _project_bwd_setup(ctx, inputs, output):
 
 def _project_bwd_backward(ctx, grad):
     # project_bwd is the transpose of project_fwd, and both are linear.
-    return torch.ops.xtoken.project_fwd(grad, *ctx.saved_tensors), None, None, None, None, None
+    with skip_content_checks():
+        return torch.ops.xtoken.project_fwd(grad, *ctx.saved_tensors), None, None, None, None, None
 
 
 torch.library.register_autograd("xtoken::project_bwd", _project_bwd_backward, setup_context=_project_bwd_setup)
@@ -120,10 +171,11 @@ def _pkl_setup(ctx, inputs, output):
 
 def _pkl_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
     zs, zt, chunks, idx, val, col_ptr, col_src, col_val, ts, tt, lse_s, lse_t = ctx.saved_tensors
-    grad = torch.ops.xtoken.pkl_loss_bwd(
-        grad_losses, zs, zt, chunks, idx, val, col_ptr, col_src, col_val,
-        ctx.temperature, ctx.merge, ts, tt, lse_s, lse_t,
-    )  # fmt: skip
+    with skip_content_checks():  # the forward checked the same saved inputs
+        grad = torch.ops.xtoken.pkl_loss_bwd(
+            grad_losses, zs, zt, chunks, idx, val, col_ptr, col_src, col_val,
+            ctx.temperature, ctx.merge, ts, tt, lse_s, lse_t,
+        )  # fmt: skip
     return (grad,) + (None,) * 11
 
 
@@ -155,7 +207,9 @@ def _hybrid_setup(ctx, inputs, output):
 
 def _hybrid_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
     zs, zt, chunks, pairs, ts, tt, lse_s, lse_t = ctx.saved_tensors
-    grad = torch.ops.xtoken.hybrid_loss_bwd(grad_losses, zs, zt, chunks, pairs, *ctx.options, ts, tt, lse_s, lse_t)
+    with skip_content_checks():  # the forward checked the same saved inputs
+        grad = torch.ops.xtoken.hybrid_loss_bwd(grad_losses, zs, zt, chunks, pairs, *ctx.options, ts, tt, lse_s,
+                                                lse_t)
     return (grad,) + (None,) * 10
 
 
@@ -186,7 +240,8 @@ def _kd_setup(ctx, inputs, output):
 
 def _kd_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
     zs, zt, chunks, ts, tt, lse_s, lse_t = ctx.saved_tensors
-    grad = torch.ops.xtoken.kd_loss_bwd(grad_losses, zs, zt, chunks, *ctx.options, ts, tt, lse_s, lse_t)
+    with skip_content_checks():  # the forward checked the same saved inputs
+        grad = torch.ops.xtoken.kd_loss_bwd(grad_losses, zs, zt, chunks, *ctx.options, ts, tt, lse_s, lse_t)
     return (grad,) + (None,) * 6
 
 

@@ -13,10 +13,15 @@ On-policy (``on_policy=lmbda``, :mod:`xtoken.onpolicy`): a share ``lmbda`` of th
 run's seed and the step number, replaces every micro-batch's completions by the student's own before the counts
 are taken; such a step trains on the teachers' losses over the completion chunks alone (``L_kd_total``, times
 ``w_kd`` under fixed weights): the student's own samples are no CE targets.
+
+Host syncs (SPEC.md §6): the first micro-batch checks the contents of the losses' inputs; later ones skip
+those checks, so the trainer's own step (the losses, their backward and the counts) does not block the
+host; only logging reads values back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import Trainer, TrainingArguments
 
+from . import ops
 from .distill import (
     CHUNK_STAT_NAMES,
     DistillationCollator,
@@ -160,7 +166,10 @@ class DistillationTrainer(Trainer):
         for prepared in self.teachers:
             teacher = prepared.teacher
             teacher.model.to(device=self.args.device, dtype=teacher.dtype).eval().requires_grad_(False)
+        # W or the common pairs on the training device once, not copied there at every step.
+        self.teachers = [dataclasses.replace(p, mapping=_on_device(p.mapping, self.args.device)) for p in self.teachers]
         self._step_counts: torch.Tensor | None = None
+        self._content_checked = False
         self._reset_log_sums()
 
     # ------------------------------------------------------------------ normalization
@@ -172,15 +181,16 @@ class DistillationTrainer(Trainer):
             batch_samples = [self._on_policy_batch(batch) for batch in batch_samples]
         counts = torch.zeros(1 + len(self.teachers), dtype=torch.float64, device=device)
         for batch in batch_samples:
-            counts += self._local_counts(batch).to(device)
+            counts += self._local_counts(batch).to(device, non_blocking=True)  # no stream sync
         self._step_counts = self._all_ranks_sum(counts)
         return batch_samples, self._step_counts[0]
 
     @staticmethod
     def _local_counts(batch: dict[str, Any]) -> torch.Tensor:
-        """float64 [1 + M] on the batch's device: target tokens, then chunks per teacher (no device sync)."""
+        """float64 [1 + M] on the batch's device: target tokens, then chunks per teacher (no device sync: the
+        chunk counts are filled in on the device, not copied there)."""
         targets = (batch["labels"][:, 1:] != -100).sum().double()
-        chunks = [targets.new_tensor(float(t["chunks"].shape[0])) for t in batch["teachers"]]
+        chunks = [targets.new_full((), float(t["chunks"].shape[0])) for t in batch["teachers"]]
         return torch.stack([targets, *chunks])
 
     # ------------------------------------------------------------------ on-policy
@@ -239,7 +249,9 @@ class DistillationTrainer(Trainer):
                 f"the batch aligns {len(inputs['teachers'])} teacher(s) but the trainer has {len(self.teachers)}; "
                 "a custom data_collator must produce DistillationCollator batches for the same teachers"
             )
-        kd_sums = [self._teacher_sum(p, logits, inputs, t) for p, t in zip(self.teachers, inputs["teachers"])]
+        with ops.skip_content_checks(self._content_checked):  # checked once, then no host sync per step
+            kd_sums = [self._teacher_sum(p, logits, inputs, t) for p, t in zip(self.teachers, inputs["teachers"])]
+        self._content_checked = True
         local = torch.stack([ce_sum.detach().double(), *(k.detach().double() for k in kd_sums)])
         local_counts = self._local_counts(inputs).to(local.device)
         stats = [t["chunk_stats"].to(local.device, torch.float64) for t in inputs["teachers"]]
@@ -332,6 +344,16 @@ class DistillationTrainer(Trainer):
             logs["completion_length"] = completion_tokens / max(completions, 1)
             logs["generation_seconds"] = self._log_generation_seconds
         return logs
+
+
+def _on_device(mapping: Any, device: torch.device) -> Any:
+    """What a teacher's loss reads besides the logits (W, the pairs, the piece tables, a tuple of them, or None),
+    on ``device``."""
+    if mapping is None:
+        return None
+    if isinstance(mapping, tuple):
+        return tuple(_on_device(m, device) for m in mapping)
+    return mapping.to(device)
 
 
 def _logit_width(model: torch.nn.Module) -> int | None:

@@ -22,9 +22,28 @@ Merge parse_merge(c10::string_view merge);
 // Targets are required (and checked against the rows) only for merge="bayes".
 void check_targets(const c10::optional<at::Tensor>& targets, const char* name, int64_t rows, Merge merge);
 
+// When the content checks run (SPEC.md §6). CPU inputs are always checked: there the checks cost no
+// host sync. On CUDA the checks of one op call cost one host sync, so they are skipped
+//   - while a CUDA graph is being captured (a capture cannot sync), and
+//   - on a thread inside a skip scope (set_skip_content_checks(true)): the nn modules and the trainer
+//     after their first call, and every backward that autograd runs (its forward checked the same
+//     saved inputs), unless the process-wide mode is Always.
+// Always (debug) checks every call outside a capture; the environment variable
+// XTOKEN_CONTENT_CHECKS=always selects it at start (default: auto). The mode is process-wide because
+// autograd runs backwards on threads of its own; the skip scope is per thread, so that concurrent
+// callers (DataParallel replicas) cannot end each other's scopes. When the checks are skipped the
+// kernels still guard every index: nothing is read or written out of bounds, and an invalid chunk
+// gives a NaN loss and NaN gradient rows instead of an error.
+enum class ContentCheckMode { Auto, Always };
+ContentCheckMode content_check_mode();
+ContentCheckMode set_content_check_mode(ContentCheckMode mode);  // returns the previous mode
+bool skip_content_checks();                                        // this thread's skip scope
+bool set_skip_content_checks(bool skip);                           // returns the previous value
+// Whether an op called now on this thread runs the content checks of inputs on `device`.
+bool content_checks_run(const at::Device& device);
+
 // Checks on tensor contents. On the GPU they run as small kernels whose results come back to the
-// host in one copy (one sync per op call). They are skipped while a CUDA graph is being captured;
-// the kernels then still guard every index, so nothing is read out of bounds.
+// host in one copy (one sync per op call), unless content_checks_run() says they are skipped.
 class ContentChecks {
  public:
   explicit ContentChecks(const at::Device& device);

@@ -34,6 +34,18 @@ struct ProjectionView {
   const int32_t* col_ptr;
   const int32_t* col_src;
   const float* col_val;
+  int64_t nnz;  // entries of the column form (col_src, col_val)
+
+  // The entries [begin, end) of column t, clamped into [0, nnz): when the content checks were skipped
+  // (CUDA kernels only) col_ptr may hold anything, and the kernels still read nothing out of bounds.
+  struct Range {
+    int64_t begin, end;
+  };
+  XT_HD Range column(int64_t t) const {
+    const int64_t b = col_ptr[t] < 0 ? 0 : (col_ptr[t] > nnz ? nnz : col_ptr[t]);
+    const int64_t e = col_ptr[t + 1];
+    return {b, e < b ? b : (e > nnz ? nnz : e)};
+  }
 };
 
 }  // namespace xtoken

@@ -15,21 +15,38 @@ __device__ __forceinline__ bool chunk_ok(const Chunk& c, int64_t N_s, int64_t N_
   return c.s0 >= 0 && c.s0 < c.s1 && c.s1 <= N_s && c.t0 >= 0 && c.t0 < c.t1 && c.t1 <= N_t;
 }
 
+// Rows [r0, r1) of a [rows, V] tensor set to `value` (none when r1 <= r0).
 template <typename T>
-__device__ void zero_rows(T* base, int64_t V, int64_t r0, int64_t r1) {
+__device__ void fill_rows(T* base, int64_t V, int64_t r0, int64_t r1, T value) {
   const int64_t n = (r1 - r0) * V;
   T* out = base + r0 * V;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = T(0);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = value;
 }
 
-// The student gradient rows no chunk owns, around chunk k (see the CPU version in cpu_pooling.h).
+template <typename T>
+__device__ void zero_rows(T* base, int64_t V, int64_t r0, int64_t r1) {
+  fill_rows(base, V, r0, r1, T(0));
+}
+
+__device__ __forceinline__ int64_t clamp_row(int64_t r, int64_t rows) { return r < 0 ? 0 : (r > rows ? rows : r); }
+
+// The student gradient rows no chunk owns, around chunk k (see the CPU version in cpu_pooling.h): those between
+// chunk k-1 and chunk k, and after the last chunk. The bounds are clamped into [0, N_s]: with the chunks'
+// own rows (nan_rows_of_chunk for an invalid chunk) this writes every gradient row whatever the chunk table
+// holds, and nothing outside the gradient (the content checks may have been skipped).
 template <typename T>
 __device__ void zero_rows_around_chunk(const LossParams& p, int64_t k) {
   T* dz = static_cast<T*>(p.grad_student);
   const Chunk c = p.chunks[k];
-  const int64_t prev_end = k == 0 ? 0 : p.chunks[k - 1].s1;
-  if (prev_end >= 0 && prev_end <= c.s0) zero_rows(dz, p.V_s, prev_end, c.s0);
-  if (k == p.K - 1) zero_rows(dz, p.V_s, c.s1, p.N_s);
+  zero_rows(dz, p.V_s, clamp_row(k == 0 ? 0 : p.chunks[k - 1].s1, p.N_s), clamp_row(c.s0, p.N_s));
+  if (k == p.K - 1) zero_rows(dz, p.V_s, clamp_row(c.s1, p.N_s), p.N_s);
+}
+
+// The student rows of a chunk that fails chunk_ok (reachable only when the content checks were skipped), clamped
+// into [0, N_s), get NaN: the gradient says that the chunk was invalid, as its NaN loss does.
+template <typename T>
+__device__ void nan_rows_of_chunk(const LossParams& p, const Chunk& c) {
+  fill_rows(static_cast<T*>(p.grad_student), p.V_s, clamp_row(c.s0, p.N_s), clamp_row(c.s1, p.N_s), nan_value<T>());
 }
 
 // The pooled rows of one side of a chunk: the probability of token v under pool(rows) without the

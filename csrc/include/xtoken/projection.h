@@ -13,7 +13,7 @@ struct ProjectionTensors {
 
   ProjectionView view() const {
     return {idx.data_ptr<int32_t>(), val.data_ptr<float>(), idx.size(1), col_ptr.data_ptr<int32_t>(),
-            col_src.data_ptr<int32_t>(), col_val.data_ptr<float>()};
+            col_src.data_ptr<int32_t>(), col_val.data_ptr<float>(), col_src.size(0)};
   }
 };
 
