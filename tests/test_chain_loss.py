@@ -11,7 +11,7 @@ from conftest import DEVICES, assert_close_ratio, rel_error, requires_cuda
 
 import xtoken
 from xtoken import reference
-from xtoken.testing import random_chunks, random_targets
+from xtoken.testing import loss_and_grad, random_chunks
 
 EPS = reference.PKL_EPS
 
@@ -332,13 +332,10 @@ def test_piece_tables_from_the_demo_tokenizers():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_cpu_kernel(dtype):
     zs, zt, chunks, pieces, ts, tt = make_case(V_s=5003, V_t=4099, batch=3, T_s=33, T_t=41, dtype=dtype)
-    out = []
-    for device in ("cpu", "cuda"):
-        z = zs.detach().to(device).requires_grad_()
-        loss = xtoken.chain_loss(z, zt.to(device), chunks.to(device), pieces, reduction="none",
-                                 student_targets=ts.to(device), teacher_targets=tt.to(device))
-        (2 * loss.sum()).backward()
-        out.append((loss.detach().cpu(), z.grad.cpu()))
+    def fn(z, zt, chunks, ts, tt):
+        return xtoken.chain_loss(z, zt, chunks, pieces, reduction="none", student_targets=ts, teacher_targets=tt)
+
+    out = [loss_and_grad(fn, zs, zt, chunks, ts, tt, device=device) for device in ("cpu", "cuda")]
     assert rel_error(out[1][0], out[0][0].double()) <= 1e-5
     assert rel_error(out[1][1].float(), out[0][1].float()) <= (1e-5 if dtype == torch.float32 else 1e-2)
 

@@ -18,7 +18,8 @@ import xtoken
 from xtoken.ops import content_check_mode, content_checks_skipped, set_content_check_mode, skip_content_checks
 from xtoken.testing import random_chunks, random_pairs, random_projection
 
-LOSS_OPS = ("pkl_loss_fwd", "pkl_loss_bwd", "hybrid_loss_fwd", "hybrid_loss_bwd", "kd_loss_fwd", "kd_loss_bwd")
+LOSS_OPS = ("pkl_loss_fwd", "pkl_loss_bwd", "hybrid_loss_fwd", "hybrid_loss_bwd", "kd_loss_fwd", "kd_loss_bwd",
+            "chain_loss_fwd", "chain_loss_bwd")
 
 
 @pytest.fixture
@@ -125,6 +126,17 @@ def test_modules_check_their_first_call_only(cuda_syncs, name):
         module(z, zt_kd if same_vocab else zt, chunks).backward()
     later = [(f"{op}_bwd", False), (f"{op}_fwd", False)] * 2 + [(f"{op}_bwd", False)]
     assert cuda_syncs == [(f"{op}_fwd", True)] + later
+
+
+def test_chain_module_checks_its_first_call_only(cuda_syncs):
+    zs, zt, chunks, _, _, _ = make_case()
+    pieces = xtoken.PieceTables(torch.randint(-1, zt.shape[1], (zs.shape[1], 3), dtype=torch.int32))
+    ts, tt = torch.randint(0, zt.shape[1], (zs.shape[0],)), torch.randint(0, zt.shape[1], (zt.shape[0],))
+    module = xtoken.nn.ChainLoss(pieces)
+    for _ in range(2):
+        module(zs.clone().requires_grad_(), zt, chunks, ts, tt).backward()
+    assert cuda_syncs == [("chain_loss_fwd", True), ("chain_loss_bwd", False), ("chain_loss_fwd", False),
+                          ("chain_loss_bwd", False)]
 
 
 def test_modules_check_every_call_in_always_mode(cuda_syncs, always_mode):

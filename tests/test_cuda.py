@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import rel_error, requires_cuda
+from test_chain_loss import make_case as chain_case
 from test_hybrid_loss import MATCHED
 from test_hybrid_loss import make_case as hybrid_case
 from test_kd_loss import make_case as kd_case
@@ -143,6 +144,26 @@ def test_float64_gradcheck_kd(merge):
     assert torch.autograd.gradcheck(fn, (zs.requires_grad_(),), eps=1e-6, atol=1e-7)
 
 
+def test_float64_gradcheck_chain():
+    zs, zt, chunks, pieces, ts, tt = chain_case(V_s=13, V_t=11, batch=1, T_s=8, T_t=9, dtype=torch.float64,
+                                                device="cuda")
+
+    def fn(z):
+        return xtoken.chain_loss(z, zt, chunks, pieces, temperature=1.3, reduction="none", student_targets=ts,
+                                 teacher_targets=tt)
+
+    assert torch.autograd.gradcheck(fn, (zs.requires_grad_(),), eps=1e-6, atol=1e-7)
+
+
+def test_float64_chain_is_the_cpu_result():
+    zs, zt, chunks, pieces, ts, tt = chain_case(V_s=701, V_t=613, batch=2, T_s=31, T_t=37, dtype=torch.float64)
+    fn = (lambda z, zt, c, ts, tt: xtoken.chain_loss(z, zt, c, pieces, reduction="none", student_targets=ts,
+                                                    teacher_targets=tt))
+    out = [loss_and_grad(fn, zs, zt, chunks, ts, tt, device=device) for device in ("cpu", "cuda")]
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-12, atol=1e-14)
+
+
 def test_float64_gradcheck_project():
     W = random_projection(13, 17)
     probs = torch.rand(4, 13, dtype=torch.float64, device="cuda", requires_grad=True)
@@ -250,14 +271,19 @@ def _capture(step, after_warm_up=lambda: None):
     return graph, out
 
 
-@pytest.mark.parametrize("loss", ["pkl", "gold", "kd"])
+@pytest.mark.parametrize("loss", ["pkl", "gold", "kd", "chain"])
 def test_graph_capture_gives_nan_for_invalid_chunks(loss):
     zs, zt, chunks, W, ts, tt = pkl_case(device="cuda")
     pairs = random_pairs(97, 131, 60).cuda()
+    pieces = chain_case(V_s=97, V_t=131)[3]
+    small_ts, small_tt = ts % 7, tt % 7  # the chain's realized pieces from the tables' small alphabet
+    pieces.kernel_args(97, 131)
     fn = {
         "pkl": lambda z, c: xtoken.pkl_loss(z, zt, c, W, merge="mean", reduction="none"),
         "gold": lambda z, c: xtoken.gold_loss(z, zt, c, pairs, uld_topk=16, reduction="none"),
         "kd": lambda z, c: xtoken.kd_loss(z, zt[:, :97], c, reduction="none"),
+        "chain": lambda z, c: xtoken.chain_loss(z, zt, c, pieces, reduction="none", student_targets=small_ts,
+                                                teacher_targets=small_tt),
     }[loss]
     K, N_s = chunks.shape[0], zs.shape[0]
     bad = chunks.clone()

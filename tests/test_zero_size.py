@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import DEVICES
 
+from xtoken.pieces import PieceTables
 from xtoken.testing import random_pairs, random_projection
 
 V_S, V_T = 37, 41
@@ -19,6 +20,8 @@ def _cases():
     no_columns = (W.idx.new_full((V_S, 2), -1), W.val.new_zeros((V_S, 2)), torch.zeros(1, dtype=torch.int32),
                   torch.zeros(0, dtype=torch.int32), torch.zeros(0))  # W into an empty teacher vocabulary
     pairs = random_pairs(V_S, V_T, 9)
+    pieces = PieceTables(torch.randint(-1, V_T, (V_S, 3), dtype=torch.int32),
+                         torch.randint(-1, V_S, (V_T, 3), dtype=torch.int32))
     empty = torch.zeros(0, 4, dtype=torch.int32)
 
     def on(device, *tensors):
@@ -33,6 +36,7 @@ def _cases():
             ("pkl_loss", (zs, zt, chunks, *on(device, *W.kernel_args(V_T))), (1.0, "mean", None, None)),
             ("hybrid_loss", (zs, zt, chunks, p), (1.0, "first", "jsd", 0.5, 7, None, None)),
             ("kd_loss", (zs, kd_t, chunks), (1.0, "bayes", *targets)),
+            ("chain_loss", (zs, zt, chunks, *on(device, *pieces.kernel_args(V_S, V_T))), (1.0, *targets)),
         ):
             losses_, lse_s, lse_t = getattr(torch.ops.xtoken, f"{op}_fwd")(*args, *options)
             grad = getattr(torch.ops.xtoken, f"{op}_bwd")(torch.ones_like(losses_), *args, *options, lse_s, lse_t)

@@ -92,11 +92,16 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainParams p, ChainWor
 
   for (int64_t k = blockIdx.x; k < p.K; k += gridDim.x) {
     const Chunk c = p.chunks[k];
+    if (kBackward) zero_rows_around_chunk<T>(p, k);
     if (!chunk_ok(c, p.N_s, p.N_t)) {  // only reachable when the host checks were skipped
-      if (!kBackward && tid == 0) static_cast<A*>(p.losses)[k] = nan_value<A>();
+      if (kBackward) {
+        nan_rows_of_chunk<T>(p, c);
+      } else if (tid == 0) {
+        static_cast<A*>(p.losses)[k] = nan_value<A>();
+      }
+      __syncthreads();
       continue;
     }
-    if (kBackward) zero_rows_around_chunk<T>(p, k);
     const A scale = kBackward ? static_cast<const A*>(p.grad_losses)[k] * inv_tau : A(0);
     A loss = 0;
     int64_t next_row = c.s0;  // the first student row of the chunk not yet written (backward)

@@ -183,9 +183,10 @@ class KDLoss(_ChecksOnce):
         return f"temperature={self.temperature}, merge={self.merge!r}, reduction={self.reduction!r}"
 
 
-class ChainLoss(nn.Module):
+class ChainLoss(_ChecksOnce):
     """Module form of :func:`xtoken.chain_loss`. The piece tables are buffers, so ``.to(device)`` moves them and
-    ``state_dict()`` saves them; the targets are required.
+    ``state_dict()`` saves them; the targets are required. Content checks on the first call per device only (see
+    the module docstring).
 
     Example::
 
@@ -218,9 +219,9 @@ class ChainLoss(nn.Module):
         student_targets: torch.Tensor | None = None,
         teacher_targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return losses.chain_loss(student_logits, teacher_logits, chunks, self.pieces(), temperature=self.temperature,
-                                 reduction=self.reduction, student_targets=student_targets,
-                                 teacher_targets=teacher_targets)
+        return self._call_loss(losses.chain_loss, student_logits, teacher_logits, chunks, self.pieces(),
+                               temperature=self.temperature, reduction=self.reduction,
+                               student_targets=student_targets, teacher_targets=teacher_targets)
 
     def extra_repr(self) -> str:
         mirror = self.teacher_pieces is not None
