@@ -9,11 +9,13 @@ from .align import AlignedBatch, AlignedCollator, align_spans, align_texts
 from .distill import DistillationCollator, Teacher
 from .losses import gold_loss, hkl_loss, kd_loss, pkl_loss, project, uld_loss
 from .projection import Projection
+from .reference import NEMO_MERGE
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Projection", "pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "project", "nn", "ops", "reference",
+    "Projection", "NEMO_MERGE", "pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "project", "nn", "ops",
+    "reference",
     "__version__", "AlignedBatch", "AlignedCollator", "align_spans", "align_texts",
     "DistillationCollator", "DistillationTrainer", "Teacher",
 ]  # fmt: skip
