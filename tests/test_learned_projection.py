@@ -1,6 +1,6 @@
 """Learned W (X-Token's best P-KL trains W's values, the sparsity fixed): the P-KL kernels' gradient in W's
 values against the float64 reference, gradcheck in the values and in the row-softmax logits,
-determinism, :class:`xtoken.nn.LearnedProjection`."""
+determinism, :class:`xtoken.nn.LearnedProjection`, and the trainer's learned W in checkpoints."""
 
 from __future__ import annotations
 
@@ -213,6 +213,61 @@ def test_learned_projection_on_another_device_raises():
     zs, zt, chunks, W, ts, tt = make_case()
     with pytest.raises(ValueError, match="on cuda"):
         xtoken.pkl_loss(zs, zt, chunks, LearnedProjection(W).cuda())
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+def test_trainer_learns_w_and_resumes(tmp_path):
+    pytest.importorskip("transformers")
+    from distill_util import TEXTS, make_teachers, student_tokenizer, tiny_lm
+    from transformers import TrainingArguments
+
+    student_tok = student_tokenizer()
+
+    def run(output_dir, steps, save_steps=None, resume=None):
+        (teacher,) = make_teachers(["digits"], student_tok, loss="pkl")
+        teacher.learn_projection, teacher.merge = True, xtoken.NEMO_MERGE
+        args = TrainingArguments(
+            output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
+            lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+            data_seed=0, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+            dataloader_drop_last=True,
+        )  # fmt: skip
+        trainer = xtoken.DistillationTrainer(tiny_lm(len(student_tok), seed=0), args, teachers=teacher,
+                                             student_tokenizer=student_tok, max_length=48, train_dataset=TEXTS)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, teacher
+
+    straight, teacher = run(tmp_path / "straight", steps=4)
+    learned = straight.learned_projections["digits"]
+    groups = [g for g in straight.optimizer.param_groups if g["params"][0] is learned.theta]
+    assert len(groups) == 1 and groups[0]["lr"] == 1e-2 and groups[0]["weight_decay"] == 0.0
+    start = teacher.projection
+    assert not torch.allclose(learned.weights().detach(), start.val)  # W moved ...
+    assert torch.equal(learned.projection().idx, start.idx)  # ... on its support
+    assert learned.theta.grad is None  # cleared after every step
+
+    run(tmp_path / "interrupted", steps=2, save_steps=2)
+    checkpoint = tmp_path / "interrupted" / "checkpoint-2"
+    path = checkpoint / straight.projection_file("digits")
+    saved = xtoken.Projection.load(path, student_tok, teacher.tokenizer)  # the vocabulary hashes check
+    assert saved.metadata["teacher_vocab_hash"] == start.metadata["teacher_vocab_hash"]
+    resumed, _ = run(tmp_path / "interrupted", steps=4, resume=str(checkpoint))
+    torch.testing.assert_close(resumed.learned_projections["digits"].weights(), learned.weights(), rtol=0, atol=1e-5)
+
+
+def test_learn_projection_needs_pkl():
+    pytest.importorskip("transformers")
+    from distill_util import make_teachers, student_tokenizer
+
+    student_tok = student_tokenizer()
+    (teacher,) = make_teachers(["digits"], student_tok, loss="hkl")
+    teacher.learn_projection = True
+    with pytest.raises(ValueError, match="learn_projection trains W's values through P-KL"):
+        xtoken.distill.prepare_teachers(teacher, student_tok)
+    with pytest.raises(ValueError, match="projection_lr"):
+        xtoken.Teacher(teacher.model, projection_lr=0.0)
 
 
 # ------------------------------------------------------------------------------------------ CUDA
