@@ -1,5 +1,6 @@
-"""A small CUDA workload for compute-sanitizer: every op, forward and backward, every merge, float32 and
-bfloat16, odd sizes, a K = 0 call. Exits non-zero if a result disagrees with the CPU kernel."""
+"""A small CUDA workload for compute-sanitizer: every op, forward and backward, every merge (and mixed
+per-side merges), the P-KL gradient in W's values, float32 and bfloat16, odd sizes, a K = 0 call. Exits
+non-zero if a result disagrees with the CPU kernel."""
 
 import sys
 
@@ -31,7 +32,7 @@ def main() -> int:
         zt = (torch.randn(2 * 25, 1213) * 3).to(dtype)
         chunks = random_chunks(2, 21, 25, one_to_one=0.6, drop=0.15)
         ts, tt = random_targets(42, 1031), random_targets(50, 1213)
-        for merge in ("first", "mean", "bayes"):
+        for merge in ("first", "mean", "bayes", "logmean", xtoken.NEMO_MERGE, ("bayes", "logmean")):
             losses = {
                 "pkl_loss": lambda z, zt, c, ts, tt, p: xtoken.pkl_loss(
                     z, zt, c, W, merge=merge, reduction="none", student_targets=ts, teacher_targets=tt),
@@ -50,6 +51,15 @@ def main() -> int:
                 ok = err <= tol
                 failures += not ok
                 print(f"{name} {dtype} {merge}: relative difference cuda vs cpu {err:.2e} {'ok' if ok else 'FAIL'}")
+        grads = []
+        for device in ("cpu", "cuda"):  # a learned W: the gradient in its values
+            learned = xtoken.nn.LearnedProjection(W).to(device)
+            loss = xtoken.pkl_loss(zs.to(device), zt.to(device), chunks.to(device), learned, merge=xtoken.NEMO_MERGE)
+            loss.backward()
+            grads.append(learned.theta.grad.cpu().double())
+        err = float((grads[1] - grads[0]).norm() / grads[0].norm())
+        failures += err > tol
+        print(f"pkl_loss W gradient {dtype}: relative difference cuda vs cpu {err:.2e}")
         probs = torch.softmax(zs.float(), -1).to(dtype)
         q_cpu = xtoken.project(probs, W)
         p = probs.cuda().requires_grad_()

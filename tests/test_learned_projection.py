@@ -93,11 +93,10 @@ def test_gradcheck_in_the_values_and_the_logits(merge):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_w_gradient_over_several_waves(device):
-    # Vocabularies wide enough that the CPU's 64 MB wave buffers hold 15 chunks (float32 p_s and g of 2^20
-    # tokens each): 18 chunks of shape 2:1 take two waves.
-    zs, zt, _, W, ts, tt = make_case(V_s=524_309, V_t=524_287, batch=1, T_s=36, T_t=18, device=device, top_k=2)
-    chunks = torch.tensor([[2 * k, 2 * k + 2, k, k + 1] for k in range(18)], dtype=torch.int32, device=device)
+def test_w_gradient_over_many_chunks(device):
+    # More chunks than the CPU's 32 chunk groups, so that each group sums several chunks before the groups add up.
+    zs, zt, chunks, W, ts, tt = make_case(V_s=301, V_t=257, batch=4, T_s=50, T_t=55, device=device)
+    assert chunks.shape[0] > 100
     grad, expected = kernel_and_reference_grads(zs, zt, chunks, W, ts, tt, ("mean", "logmean"))
     assert rel_error(grad.cpu(), expected) <= 1e-5
 
@@ -287,3 +286,19 @@ def test_cuda_w_gradient_matches_cpu(dtype, merge):
         grads.append(val.grad.cpu())
     assert rel_error(grads[1], grads[0].double()) <= (1e-5 if dtype == torch.float32 else 1e-3)
     assert torch.equal(grads[1], grads[2])  # deterministic
+
+
+@requires_cuda
+def test_cuda_w_gradient_over_several_waves():
+    # 2^20 tokens on both sides: the 512 MB wave workspace holds 128 chunks (float32 p_s and g), so 140 take two.
+    V_s, V_t, K = 524_309, 524_287, 140
+    W = random_projection(V_s, V_t, top_k=2)
+    zs, zt = torch.randn(K, V_s) * 3, torch.randn(K, V_t) * 3
+    chunks = torch.tensor([[k, k + 1, k, k + 1] for k in range(K)], dtype=torch.int32)
+    grads = []
+    for device in ("cpu", "cuda"):
+        val = W.val.to(device).clone().requires_grad_()
+        losses = op_losses(zs.to(device), zt.to(device), chunks.to(device), W, val, None, None, ("first", "first"))
+        losses.sum().backward()
+        grads.append(val.grad.cpu())
+    assert rel_error(grads[1], grads[0].double()) <= 1e-5

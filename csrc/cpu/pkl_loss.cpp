@@ -16,9 +16,10 @@
 // Work split: one chunk at a time per OpenMP thread (dynamic schedule) with thread-private V-sized
 // buffers, so results do not depend on the thread count. The forward saves each used row's L for the
 // backward; the backward writes every gradient row exactly once (zeros for rows no chunk uses). The W
-// gradient runs the chunks in waves: each chunk of a wave leaves p_s and g in the wave's buffers, then a
-// pass over W's rows (parallel over s) adds the wave's terms to each entry in chunk order, so every entry
-// is summed over all chunks in order: deterministic, whatever the thread count.
+// gradient splits the chunks into a fixed number of consecutive groups (it depends on K only, not on the
+// thread count); a thread takes a whole group, adds each chunk's terms p_s[s] g[idx[s, j]] to the group's
+// [V_s, P] partial sum in chunk order (while p_s and g are in its cache), and the partials are added in group
+// order at the end: deterministic, whatever the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -33,10 +34,9 @@ namespace xtoken {
 namespace cpu {
 namespace {
 
-// Budget of the wave buffers of the W gradient (p_s and g of each chunk of a wave).
-constexpr int64_t kGradWaveBytes = int64_t(64) << 20;
-// Student rows per block of the W-gradient pass (the block's slice of each p_s stays in cache).
-constexpr int64_t kGradRowBlock = 256;
+// Chunk groups of the W gradient: at most this many partial sums [V_s, P] (the parallelism of the backward
+// when W's gradient is asked).
+constexpr int64_t kGradGroups = 32;
 
 // sum_{t : p[t] != 0} p[t] (log_p(t) - log(q[t] + eps))
 template <typename A, typename LogP>
@@ -91,8 +91,10 @@ struct PklCpu {
                                    [&](const auto& log_pt) { return kl_terms(pt, w.q.data(), p.V_t, log_pt); });
   }
 
-  // The gradient rows of chunk k; leaves the pooled student probs in ps [V_s] and g in g [V_t].
-  void backward_chunk(int64_t k, Work& w, A* ps, A* g) const {
+  // The gradient rows of chunk k; leaves the pooled student probs in w.ps and g in w.q.
+  void backward_chunk(int64_t k, Work& w) const {
+    A* ps = w.ps.data();
+    A* g = w.q.data();
     const Chunk c = p.chunks[k];
     const A G = static_cast<const A*>(p.grad_losses)[k];
     zero_rows_around_chunk<T>(p, k);
@@ -111,22 +113,14 @@ struct PklCpu {
     student.pool_backward(static_cast<T*>(p.grad_student), w.h.data(), ps, w.pr.data(), c.s0, c.s1, log_c_s);
   }
 
-  // grad_val[s, j] += sum_{i < n} ps[i][s] g[i][idx[s, j]], in order of i: the W gradient of one wave.
-  void accumulate_grad_val(const A* ps, const A* g, int64_t n) const {
-    A* grad = static_cast<A*>(p.grad_val);
+  // grad[s, j] += ps[s] g[idx[s, j]] over W's slots (grad: one group's partial sum).
+  void add_grad_val(A* grad, const A* ps, const A* g) const {
+    const int32_t* idx = p.W.idx;
     const int64_t P = p.W.P;
-#pragma omp parallel for num_threads(at::get_num_threads()) schedule(static)
-    for (int64_t b = 0; b < p.V_s; b += kGradRowBlock) {
-      const int64_t e = std::min(b + kGradRowBlock, p.V_s);
-      for (int64_t i = 0; i < n; ++i) {
-        const A* ps_i = ps + i * p.V_s;
-        const A* g_i = g + i * p.V_t;
-        for (int64_t s = b; s < e; ++s) {
-          for (int64_t j = 0; j < P; ++j) {
-            const int32_t t = p.W.idx[s * P + j];
-            if (t >= 0) grad[s * P + j] += ps_i[s] * g_i[t];
-          }
-        }
+    for (int64_t s = 0; s < p.V_s; ++s) {
+      for (int64_t j = 0; j < P; ++j) {
+        const int32_t t = idx[s * P + j];
+        if (t >= 0) grad[s * P + j] += ps[s] * g[t];
       }
     }
   }
@@ -142,18 +136,24 @@ struct PklCpu {
   void backward() const {
     if (p.grad_val == nullptr) {
       parallel_chunks(p.K, [&] { return make_work(); },
-                      [&](int64_t k, Work& w) { backward_chunk(k, w, w.ps.data(), w.q.data()); });
+                      [&](int64_t k, Work& w) { backward_chunk(k, w); });
       return;
     }
-    const int64_t per_chunk = static_cast<int64_t>(sizeof(A)) * (p.V_s + p.V_t);
-    const int64_t wave = std::max<int64_t>(1, std::min<int64_t>(p.K, kGradWaveBytes / per_chunk));
-    std::vector<A> ps(wave * p.V_s), g(wave * p.V_t);
-    for (int64_t k0 = 0; k0 < p.K; k0 += wave) {
-      const int64_t n = std::min(wave, p.K - k0);
-      parallel_chunks(n, [&] { return make_work(); }, [&](int64_t i, Work& w) {
-        backward_chunk(k0 + i, w, ps.data() + i * p.V_s, g.data() + i * p.V_t);
-      });
-      accumulate_grad_val(ps.data(), g.data(), n);
+    // Group b holds the chunks [b K / groups, (b + 1) K / groups).
+    const int64_t groups = std::min(p.K, kGradGroups), slots = p.V_s * p.W.P;
+    std::vector<A> partial(groups * slots, A(0));
+    parallel_chunks(groups, [&] { return make_work(); }, [&](int64_t b, Work& w) {
+      for (int64_t k = b * p.K / groups; k < (b + 1) * p.K / groups; ++k) {
+        backward_chunk(k, w);
+        add_grad_val(partial.data() + b * slots, w.ps.data(), w.q.data());
+      }
+    });
+    A* grad = static_cast<A*>(p.grad_val);
+#pragma omp parallel for num_threads(at::get_num_threads()) schedule(static)
+    for (int64_t e = 0; e < slots; ++e) {
+      A sum = 0;
+      for (int64_t b = 0; b < groups; ++b) sum += partial[b * slots + e];
+      grad[e] = sum;
     }
   }
 };

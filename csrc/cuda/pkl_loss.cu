@@ -14,9 +14,9 @@
 //            gradient needs no memset. Results are deterministic: no atomics anywhere.
 //   W gradient (only when asked) the chunks go in waves of a fixed size (a memory budget, not the device's
 //            size): the backward kernel runs one block per chunk of the wave, leaving g in the wave's
-//            workspace and p_s in a second one; then one thread per student row s adds the wave's terms
+//            workspace and p_s in a second one; then one thread per slot (s, j) of W adds the wave's terms
 //            p_s^k[s] g^k[idx[s, j]] to grad[s, j] in chunk order. Every entry is thus summed over all chunks
-//            in order, as on the CPU: deterministic, with no float atomics.
+//            in order: deterministic, with no float atomics.
 // The logits are read in their own dtype; everything accumulates in float (double for float64).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -149,21 +149,22 @@ __global__ void __launch_bounds__(kThreads) pkl_bwd_kernel(PklParams p, Side<T, 
   }
 }
 
-// grad[s, j] += sum_{i < n} ps[i][s] g[i][idx[s, j]], in order of i: one wave of the W gradient. One thread
-// per student row (grid-stride); empty slots keep 0.
+// grad[e] += sum_{i < n} ps[i][s] g[i][idx[e]], in order of i, for every slot e = s P + j: one wave of the W
+// gradient. One thread per slot (grid-stride), its sum in a register; the threads sweep the chunks i at about
+// the same pace, so each g[i] is gathered from L2. Empty slots keep 0.
 template <typename A>
 __global__ void __launch_bounds__(kGradThreads) pkl_grad_val_kernel(ProjectionView W, int64_t V_s, int64_t V_t,
                                                                     int64_t n, const A* __restrict__ ps,
                                                                     const A* __restrict__ g, A* __restrict__ grad) {
+  const int64_t slots = V_s * W.P;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s < V_s; s += stride) {
-    for (int64_t j = 0; j < W.P; ++j) {
-      const int32_t t = W.idx[s * W.P + j];
-      if (static_cast<uint32_t>(t) >= static_cast<uint64_t>(V_t)) continue;
-      A acc = grad[s * W.P + j];
-      for (int64_t i = 0; i < n; ++i) acc += ps[i * V_s + s] * g[i * V_t + t];
-      grad[s * W.P + j] = acc;
-    }
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < slots; e += stride) {
+    const int32_t t = W.idx[e];
+    if (static_cast<uint32_t>(t) >= static_cast<uint64_t>(V_t)) continue;
+    const int64_t s = e / W.P;
+    A acc = grad[e];
+    for (int64_t i = 0; i < n; ++i) acc += ps[i * V_s + s] * g[i * V_t + t];
+    grad[e] = acc;
   }
 }
 
@@ -226,7 +227,8 @@ std::tuple<at::Tensor, at::Tensor> pkl_loss_bwd_cuda(
     const int64_t wave = std::max<int64_t>(1, std::min<int64_t>(p.K, kGradWaveBytes / per_chunk));
     at::Tensor workspace = at::empty({wave, p.V_t}, t.student_lse.options());
     at::Tensor pooled = at::empty({wave, p.V_s}, t.student_lse.options());
-    const int64_t grad_blocks = std::min<int64_t>((p.V_s + kGradThreads - 1) / kGradThreads, int64_t(sms) * 8);
+    // One thread per slot of W (V_s P < 2^31 * 256 for any int32 vocabulary and a few slots).
+    const int64_t grad_blocks = std::max<int64_t>(1, (p.V_s * p.W.P + kGradThreads - 1) / kGradThreads);
     for (int64_t k0 = 0; k0 < p.K; k0 += wave) {
       const int64_t n = std::min(wave, p.K - k0);
       kernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(p, student, teacher, workspace.data_ptr<A>(), k0,

@@ -43,9 +43,13 @@ class LearnedProjection(nn.Module):
         if not isinstance(projection, Projection):
             raise TypeError(f"projection: expected an xtoken.Projection, got {type(projection).__name__}")
         self._start = projection.to("cpu")
-        present = self._start.idx >= 0
-        theta = torch.where(present, self._start.val.clamp_min(self._MIN_WEIGHT).log(), torch.zeros(()))
-        self.theta = nn.Parameter(theta)
+        self.theta = nn.Parameter(self._logits(self._start.val))
+
+    def _logits(self, val: torch.Tensor) -> torch.Tensor:
+        """``theta`` whose row softmax is ``val`` (rows summing to 1): ``log(val)`` on the present slots, 0 (unused)
+        on the empty ones."""
+        present = self._start.idx.to(val.device) >= 0
+        return torch.where(present, val.clamp_min(self._MIN_WEIGHT).log(), val.new_zeros(()))
 
     @property
     def device(self) -> torch.device:
@@ -107,8 +111,7 @@ class LearnedProjection(nn.Module):
         if not torch.equal(projection.idx.cpu(), self._start.idx):
             raise ValueError("projection: its support (idx) differs from this LearnedProjection's; a learned W keeps "
                              "the support it started from")
-        val = projection.val.to(self.theta.device, self.theta.dtype)
-        self.theta.copy_(torch.where(val > 0, val.clamp_min(self._MIN_WEIGHT).log(), self.theta.new_zeros(())))
+        self.theta.copy_(self._logits(projection.val.to(self.theta.device, self.theta.dtype)))
 
     def extra_repr(self) -> str:
         return f"V_s={self.student_vocab_size}, V_t={self.teacher_vocab_size}, top_k={self._start.top_k}"

@@ -11,7 +11,8 @@ namespace xtoken {
 struct PklParams : LossParams {
   ProjectionView W;
   // Backward, when asked: dLoss/dW on W's support, [V_s, P] in the accumulation type, zeroed by the host;
-  // grad_val[s, j] = sum_k p_hat_s^k[s] g^k[idx[s, j]] (0 at empty slots), summed over the chunks in order.
+  // grad_val[s, j] = sum_k p_hat_s^k[s] g^k[idx[s, j]] (0 at empty slots), summed over the chunks in an order
+  // that depends on K only (deterministic).
   void* grad_val;
 };
 
