@@ -1,5 +1,5 @@
 """A small workload for compute-sanitizer (bench/device_check.sh runs it under memcheck, racecheck and initcheck):
-every op, forward and backward, every merge, float32 and bfloat16, odd sizes, a K = 0 call, and bad inputs with
+every op, forward and backward, every merge (and mixed per-side merges), the P-KL gradient in W's values, float32 and bfloat16, odd sizes, a K = 0 call, and bad inputs with
 the content checks skipped (the kernels' guards: NaN, never an out-of-bounds access). Every result is compared
 with the CPU kernel's; exits non-zero on a disagreement.
 
@@ -73,6 +73,25 @@ def valid_inputs(device: str, dtypes, merges, W, pairs) -> int:
     return failures
 
 
+def learned_projection(device: str, dtypes, W) -> int:
+    """P-KL's gradient in a learned W's values (NeMo's merge), device against CPU."""
+    failures = 0
+    for dtype in dtypes:
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        zs = (torch.randn(2 * 21, V_S) * 3).to(dtype)
+        zt = (torch.randn(2 * 25, V_T) * 3).to(dtype)
+        chunks = random_chunks(2, 21, 25, one_to_one=0.6, drop=0.15)
+        grads = []
+        for dev in ("cpu", device):
+            learned = xtoken.nn.LearnedProjection(W).to(dev)
+            loss = xtoken.pkl_loss(zs.to(dev), zt.to(dev), chunks.to(dev), learned, merge=xtoken.NEMO_MERGE)
+            loss.backward()
+            grads.append(learned.theta.grad.cpu())
+        err = rel(grads[1], grads[0])
+        failures += check(f"pkl_loss W gradient {dtype}", err <= tol, f"relative difference {err:.2e}")
+    return failures
+
+
 def no_chunks(device: str, W, pairs) -> int:
     failures = 0
     empty = torch.zeros(0, 4, dtype=torch.int32)
@@ -133,7 +152,7 @@ def bad_inputs(device: str, W, pairs) -> int:
         "project bad col_ptr": lambda: torch.ops.xtoken.project_fwd(torch.rand(4, V_S).to(device),
                                                                      *(t.to(device) for t in bad_W)),
         "pkl_loss bad col_ptr": lambda: torch.ops.xtoken.pkl_loss_fwd(
-            zs.to(device), zt.to(device), chunks.to(device), *(t.to(device) for t in bad_W), 1.0, "first", None, None),
+            zs.to(device), zt.to(device), chunks.to(device), *(t.to(device) for t in bad_W), 1.0, "first", "first", None, None),
     }
     for name, fn in bayes.items():
         if device == "cpu":
@@ -175,8 +194,9 @@ def main() -> int:
     W = random_projection(V_S, V_T, exact_fraction=0.6, empty_fraction=0.05)
     pairs = random_pairs(V_S, V_T, 700)
     dtypes = (torch.float32,) if args.quick else (torch.float32, torch.bfloat16)
-    merges = ("mean",) if args.quick else ("first", "mean", "bayes")
+    merges = ("mean",) if args.quick else ("first", "mean", "bayes", "logmean", xtoken.NEMO_MERGE, ("bayes", "logmean"))
     failures = valid_inputs(args.device, dtypes, merges, W, pairs)
+    failures += learned_projection(args.device, dtypes, W)
     failures += no_chunks(args.device, W, pairs)
     failures += bad_inputs(args.device, W, pairs)
     if args.device.startswith("cuda"):

@@ -107,17 +107,20 @@ TORCH_LIBRARY(xtoken, m) {
       "Tensor proj_col_val) -> Tensor");
 
   // P-KL per chunk (SPEC.md §4), unreduced and without the tau^2 factor. Also returns the
-  // logsumexp of every row the pooling reads (0 elsewhere), which the backward reuses.
+  // logsumexp of every row the pooling reads (0 elsewhere), which the backward reuses. Every loss pools each
+  // side of a chunk by its own merge ('first', 'mean', 'bayes' or 'logmean', SPEC.md §3). W's weights
+  // (proj_val, proj_col_val) are float32 or float64. The backward returns the student gradient and, when
+  // proj_val_grad, the gradient in W's values on its support ([V_s, P], proj_val's dtype; empty otherwise).
   m.def(
       "pkl_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor chunks, Tensor proj_idx, "
       "Tensor proj_val, Tensor proj_col_ptr, Tensor proj_col_src, Tensor proj_col_val, float temperature, "
-      "str merge, Tensor? student_targets, Tensor? teacher_targets) -> (Tensor losses, Tensor student_lse, "
-      "Tensor teacher_lse)");
+      "str student_merge, str teacher_merge, Tensor? student_targets, Tensor? teacher_targets) -> "
+      "(Tensor losses, Tensor student_lse, Tensor teacher_lse)");
   m.def(
       "pkl_loss_bwd(Tensor grad_losses, Tensor student_logits, Tensor teacher_logits, Tensor chunks, "
       "Tensor proj_idx, Tensor proj_val, Tensor proj_col_ptr, Tensor proj_col_src, Tensor proj_col_val, "
-      "float temperature, str merge, Tensor? student_targets, Tensor? teacher_targets, Tensor student_lse, "
-      "Tensor teacher_lse) -> Tensor");
+      "float temperature, str student_merge, str teacher_merge, Tensor? student_targets, Tensor? teacher_targets, "
+      "Tensor student_lse, Tensor teacher_lse, bool proj_val_grad) -> (Tensor grad_student, Tensor grad_proj_val)");
 
   // Exact span alignment (SPEC.md §2): token end offsets and lengths of both sides -> the chunk table
   // [B, min(T_s, T_t), 4] (the first counts[b] rows of sequence b are its chunks, the rest -1), the
@@ -132,22 +135,23 @@ TORCH_LIBRARY(xtoken, m) {
   // the ranks of the sorted-L1 term (None: all). The LSEs are those of pkl_loss_fwd.
   m.def(
       "hybrid_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor chunks, Tensor pairs, "
-      "float temperature, str merge, str matched, float beta, int? uld_topk, Tensor? student_targets, "
-      "Tensor? teacher_targets) -> (Tensor losses, Tensor student_lse, Tensor teacher_lse)");
+      "float temperature, str student_merge, str teacher_merge, str matched, float beta, int? uld_topk, "
+      "Tensor? student_targets, Tensor? teacher_targets) -> (Tensor losses, Tensor student_lse, Tensor teacher_lse)");
   m.def(
       "hybrid_loss_bwd(Tensor grad_losses, Tensor student_logits, Tensor teacher_logits, Tensor chunks, "
-      "Tensor pairs, float temperature, str merge, str matched, float beta, int? uld_topk, "
-      "Tensor? student_targets, Tensor? teacher_targets, Tensor student_lse, Tensor teacher_lse) -> Tensor");
+      "Tensor pairs, float temperature, str student_merge, str teacher_merge, str matched, float beta, "
+      "int? uld_topk, Tensor? student_targets, Tensor? teacher_targets, Tensor student_lse, Tensor teacher_lse) "
+      "-> Tensor");
 
   // Same-vocabulary KD per chunk (SPEC.md §4), unreduced and without the tau^2 factor.
   m.def(
-      "kd_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor chunks, float temperature, str merge, "
-      "Tensor? student_targets, Tensor? teacher_targets) -> (Tensor losses, Tensor student_lse, "
-      "Tensor teacher_lse)");
+      "kd_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor chunks, float temperature, "
+      "str student_merge, str teacher_merge, Tensor? student_targets, Tensor? teacher_targets) -> "
+      "(Tensor losses, Tensor student_lse, Tensor teacher_lse)");
   m.def(
       "kd_loss_bwd(Tensor grad_losses, Tensor student_logits, Tensor teacher_logits, Tensor chunks, "
-      "float temperature, str merge, Tensor? student_targets, Tensor? teacher_targets, Tensor student_lse, "
-      "Tensor teacher_lse) -> Tensor");
+      "float temperature, str student_merge, str teacher_merge, Tensor? student_targets, Tensor? teacher_targets, "
+      "Tensor student_lse, Tensor teacher_lse) -> Tensor");
 
   // Chain KL per chunk (SPEC.md §4), unreduced and without the tau^2 factor. The piece tables come in their
   // sorted layout (rows sorted lexicographically, order = the token of each sorted row; see

@@ -41,7 +41,7 @@ def _bad_inputs():
         args[slot] = args[slot].clone()
         args[slot].view(-1)[5] = value
         return torch.ops.xtoken.pkl_loss_fwd(zs.to(d), zt.to(d), chunks.to(d), *(a.to(d) for a in args), 1.0, "first",
-                                             None, None)
+                                             "first", None, None)
 
     def gold(case, d, column, value, row=3):
         zs, zt, chunks, _, _, _, pairs = case
@@ -323,7 +323,7 @@ def test_graph_capture_clamps_projection_column_ranges():
     good = torch.ops.xtoken.project_fwd(probs, idx, val, col_ptr, col_src, col_val)
     graph, (q, pkl) = _capture(lambda: (
         torch.ops.xtoken.project_fwd(probs, idx, val, bad_ptr, col_src, col_val),
-        torch.ops.xtoken.pkl_loss_fwd(zs, zt, chunks, idx, val, bad_ptr, col_src, col_val, 1.0, "first", None, None)[0],
+        torch.ops.xtoken.pkl_loss_fwd(zs, zt, chunks, idx, val, bad_ptr, col_src, col_val, 1.0, "first", "first", None, None)[0],
     ))  # fmt: skip
     graph.replay()
     torch.cuda.synchronize()  # an out-of-bounds read would surface here as an illegal memory access

@@ -144,11 +144,11 @@ def test_opcheck():
     zs, zt, chunks, ts, tt = make_case(V=19, batch=1, T_s=9, T_t=11)
     for merge, targets in (("first", (None, None)), ("bayes", (ts, tt))):
         for requires_grad in (False, True):
-            args = (zs.clone().requires_grad_(requires_grad), zt, chunks, 1.0, merge, *targets)
+            args = (zs.clone().requires_grad_(requires_grad), zt, chunks, 1.0, merge, merge, *targets)
             torch.library.opcheck(torch.ops.xtoken.kd_loss_fwd.default, args)
-    losses, lse_s, lse_t = torch.ops.xtoken.kd_loss_fwd(zs, zt, chunks, 1.0, "mean", None, None)
+    losses, lse_s, lse_t = torch.ops.xtoken.kd_loss_fwd(zs, zt, chunks, 1.0, "mean", "mean", None, None)
     torch.library.opcheck(torch.ops.xtoken.kd_loss_bwd.default,
-                          (torch.rand_like(losses), zs, zt, chunks, 1.0, "mean", None, None, lse_s, lse_t))
+                          (torch.rand_like(losses), zs, zt, chunks, 1.0, "mean", "mean", None, None, lse_s, lse_t))
 
 
 def test_torch_compile_fullgraph():

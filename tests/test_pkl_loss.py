@@ -188,13 +188,14 @@ def test_opcheck():
     for merge, targets in (("first", (None, None)), ("bayes", (ts, tt))):
         for requires_grad in (False, True):
             args = (zs.clone().requires_grad_(requires_grad), zt, chunks, *W.kernel_args(zt.shape[1]), 1.0, merge,
-                    *targets)
+                    merge, *targets)
             torch.library.opcheck(torch.ops.xtoken.pkl_loss_fwd.default, args)
     losses, lse_s, lse_t = torch.ops.xtoken.pkl_loss_fwd(zs, zt, chunks, *W.kernel_args(zt.shape[1]), 1.0, "mean",
-                                                         None, None)
-    bwd_args = (torch.rand_like(losses), zs, zt, chunks, *W.kernel_args(zt.shape[1]), 1.0, "mean", None, None,
-                lse_s, lse_t)
-    torch.library.opcheck(torch.ops.xtoken.pkl_loss_bwd.default, bwd_args)
+                                                         "mean", None, None)
+    for proj_val_grad in (False, True):
+        bwd_args = (torch.rand_like(losses), zs, zt, chunks, *W.kernel_args(zt.shape[1]), 1.0, "mean", "mean", None,
+                    None, lse_s, lse_t, proj_val_grad)
+        torch.library.opcheck(torch.ops.xtoken.pkl_loss_bwd.default, bwd_args)
 
 
 def test_torch_compile_fullgraph():
@@ -226,7 +227,7 @@ def test_module_matches_functional():
 
 
 def _raw_args(zs, zt, chunks, W):
-    return [zs, zt, chunks, *W.kernel_args(zt.shape[1]), 1.0, "first", None, None]
+    return [zs, zt, chunks, *W.kernel_args(zt.shape[1]), 1.0, "first", "first", None, None]
 
 
 @pytest.mark.parametrize(
@@ -308,7 +309,8 @@ def test_bad_temperature_raises(temperature):
     with pytest.raises(ValueError, match="temperature"):
         xtoken.pkl_loss(zs, zt, chunks, W, temperature=temperature)
     with pytest.raises(RuntimeError, match="temperature"):
-        torch.ops.xtoken.pkl_loss_fwd(zs, zt, chunks, *W.kernel_args(zt.shape[1]), temperature, "first", None, None)
+        torch.ops.xtoken.pkl_loss_fwd(zs, zt, chunks, *W.kernel_args(zt.shape[1]), temperature, "first", "first", None,
+                                          None)
 
 
 def test_bad_options_raise():

@@ -33,13 +33,18 @@ def _cases():
         targets = on(device, torch.zeros(N_s, dtype=torch.long), torch.zeros(N_t, dtype=torch.long))
         out = []
         for op, args, options in (
-            ("pkl_loss", (zs, zt, chunks, *on(device, *W.kernel_args(V_T))), (1.0, "mean", None, None)),
-            ("hybrid_loss", (zs, zt, chunks, p), (1.0, "first", "jsd", 0.5, 7, None, None)),
-            ("kd_loss", (zs, kd_t, chunks), (1.0, "bayes", *targets)),
+            ("pkl_loss", (zs, zt, chunks, *on(device, *W.kernel_args(V_T))), (1.0, "mean", "mean", None, None)),
+            ("hybrid_loss", (zs, zt, chunks, p), (1.0, "first", "first", "jsd", 0.5, 7, None, None)),
+            ("kd_loss", (zs, kd_t, chunks), (1.0, "bayes", "bayes", *targets)),
             ("chain_loss", (zs, zt, chunks, *on(device, *pieces.kernel_args(V_S, V_T))), (1.0, *targets)),
         ):
             losses_, lse_s, lse_t = getattr(torch.ops.xtoken, f"{op}_fwd")(*args, *options)
-            grad = getattr(torch.ops.xtoken, f"{op}_bwd")(torch.ones_like(losses_), *args, *options, lse_s, lse_t)
+            if op == "pkl_loss":  # also the gradient in W's values
+                grad, grad_val = torch.ops.xtoken.pkl_loss_bwd(torch.ones_like(losses_), *args, *options, lse_s, lse_t,
+                                                               True)
+                out.append(grad_val)
+            else:
+                grad = getattr(torch.ops.xtoken, f"{op}_bwd")(torch.ones_like(losses_), *args, *options, lse_s, lse_t)
             out += [losses_, lse_s, lse_t, grad]
         return tuple(out)
 

@@ -38,7 +38,8 @@ ChainInputs prepare_chain(const at::Tensor& student_logits, const at::Tensor& te
   ContentChecks checks(student_logits.device());
   ChainInputs in;
   static_cast<LossInputs&>(in) =
-      prepare_loss(student_logits, teacher_logits, chunks, temperature, "first", c10::nullopt, c10::nullopt, checks);
+      prepare_loss(student_logits, teacher_logits, chunks, temperature, "first", "first", c10::nullopt, c10::nullopt,
+                   checks);
   const int64_t V_s = student_logits.size(1), V_t = teacher_logits.size(1);
   check_realized(student_targets, "student_targets", student_logits.size(0), student_logits);
   check_realized(teacher_targets, "teacher_targets", teacher_logits.size(0), student_logits);

@@ -44,8 +44,8 @@ void check_projection_layout(const at::Tensor& idx, const at::Tensor& val, const
                              const at::Tensor& col_src, const at::Tensor& col_val, int64_t V_s, int64_t V_t) {
   TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 2,
               "projection idx: expected an int32 [V_s, P] tensor, got ", idx.scalar_type(), " ", idx.sizes());
-  TORCH_CHECK(val.scalar_type() == at::kFloat && val.sizes() == idx.sizes(),
-              "projection val: expected a float32 tensor shaped like idx ", idx.sizes(), ", got ",
+  TORCH_CHECK((val.scalar_type() == at::kFloat || val.scalar_type() == at::kDouble) && val.sizes() == idx.sizes(),
+              "projection val: expected a float32 (or float64) tensor shaped like idx ", idx.sizes(), ", got ",
               val.scalar_type(), " ", val.sizes());
   TORCH_CHECK(idx.size(0) == V_s, "projection: W has ", idx.size(0),
               " student rows but the student logits have V_s = ", V_s,
@@ -57,9 +57,9 @@ void check_projection_layout(const at::Tensor& idx, const at::Tensor& val, const
               " (build the transpose for this teacher width: projection.transposed(V_t))");
   TORCH_CHECK(col_src.scalar_type() == at::kInt && col_src.dim() == 1,
               "projection col_src: expected int32 [nnz], got ", col_src.scalar_type(), " ", col_src.sizes());
-  TORCH_CHECK(col_val.scalar_type() == at::kFloat && col_val.sizes() == col_src.sizes(),
-              "projection col_val: expected float32 shaped like col_src ", col_src.sizes(), ", got ",
-              col_val.scalar_type(), " ", col_val.sizes());
+  TORCH_CHECK(col_val.scalar_type() == val.scalar_type() && col_val.sizes() == col_src.sizes(),
+              "projection col_val: expected the dtype of val (", val.scalar_type(), ") shaped like col_src ",
+              col_src.sizes(), ", got ", col_val.scalar_type(), " ", col_val.sizes());
   TORCH_CHECK(col_src.size(0) <= idx.numel(), "projection: the transpose holds ", col_src.size(0),
               " entries but W has only ", idx.numel(), " slots");
 }
@@ -69,11 +69,12 @@ void check_temperature(double temperature) {
               "temperature: expected a finite value > 0, got ", temperature);
 }
 
-Merge parse_merge(c10::string_view merge) {
+Merge parse_merge(c10::string_view merge, const char* name) {
   if (merge == "first") return Merge::First;
   if (merge == "mean") return Merge::Mean;
   if (merge == "bayes") return Merge::Bayes;
-  TORCH_CHECK(false, "merge: expected 'first', 'mean' or 'bayes', got '", std::string(merge), "'");
+  if (merge == "logmean") return Merge::LogMean;
+  TORCH_CHECK(false, name, ": expected 'first', 'mean', 'bayes' or 'logmean', got '", std::string(merge), "'");
 }
 
 void check_targets(const c10::optional<at::Tensor>& targets, const char* name, int64_t rows, Merge merge) {

@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(kThreads)
   const A c_s = dexp(shared_log_c);
   const A* hg = h + g * p.V_s;
   const auto hv = [&](int64_t v) { return hg[v]; };
-  const A D = p.merge == Merge::Mean ? A(0) : student.pooled_row_dot(hv, c.s0, c.s1, scratch);
+  const A D = student.merge == Merge::Mean ? A(0) : student.pooled_dot(hv, c.s0, c.s1, scratch);
   student.pool_backward(static_cast<T*>(p.grad_student), hv, c.s0, c.s1, c_s, D, scratch);
 }
 
@@ -384,12 +384,12 @@ void rank_wave(const HybridParams& p, Workspace<A>& ws, int64_t k0, int64_t chun
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hybrid_loss_fwd_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& chunks,
-    const at::Tensor& pairs, double temperature, c10::string_view merge, c10::string_view matched, double beta,
-    c10::optional<int64_t> uld_topk, const c10::optional<at::Tensor>& student_targets,
-    const c10::optional<at::Tensor>& teacher_targets) {
+    const at::Tensor& pairs, double temperature, c10::string_view student_merge, c10::string_view teacher_merge,
+    c10::string_view matched, double beta, c10::optional<int64_t> uld_topk,
+    const c10::optional<at::Tensor>& student_targets, const c10::optional<at::Tensor>& teacher_targets) {
   const c10::cuda::CUDAGuard guard(student_logits.device());
-  const HybridInputs in = prepare_hybrid(student_logits, teacher_logits, chunks, pairs, temperature, merge, matched,
-                                         beta, uld_topk, student_targets, teacher_targets);
+  const HybridInputs in = prepare_hybrid(student_logits, teacher_logits, chunks, pairs, temperature, student_merge,
+                                         teacher_merge, matched, beta, uld_topk, student_targets, teacher_targets);
   HybridParams p = in.params();
   const ForwardOutputs out = allocate_forward(in, {p.K, 2}, p);
   if (p.K == 0) return {out.losses, out.student_lse, out.teacher_lse};
@@ -406,13 +406,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hybrid_loss_fwd_cuda(
 
 at::Tensor hybrid_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& student_logits,
                                 const at::Tensor& teacher_logits, const at::Tensor& chunks, const at::Tensor& pairs,
-                                double temperature, c10::string_view merge, c10::string_view matched, double beta,
-                                c10::optional<int64_t> uld_topk, const c10::optional<at::Tensor>& student_targets,
+                                double temperature, c10::string_view student_merge, c10::string_view teacher_merge,
+                                c10::string_view matched, double beta, c10::optional<int64_t> uld_topk,
+                                const c10::optional<at::Tensor>& student_targets,
                                 const c10::optional<at::Tensor>& teacher_targets, const at::Tensor& student_lse,
                                 const at::Tensor& teacher_lse) {
   const c10::cuda::CUDAGuard guard(student_logits.device());
-  const HybridInputs in = prepare_hybrid(student_logits, teacher_logits, chunks, pairs, temperature, merge, matched,
-                                         beta, uld_topk, student_targets, teacher_targets);
+  const HybridInputs in = prepare_hybrid(student_logits, teacher_logits, chunks, pairs, temperature, student_merge,
+                                         teacher_merge, matched, beta, uld_topk, student_targets, teacher_targets);
   HybridParams p = in.params();
   const BackwardTensors t = bind_backward(grad_losses, student_lse, teacher_lse, {p.K, 2}, in, "hybrid_loss_fwd", p);
   if (p.K == 0) return t.grad_student;

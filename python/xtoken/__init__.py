@@ -11,13 +11,14 @@ from .distill import DistillationCollator, Teacher
 from .losses import chain_loss, gold_loss, hkl_loss, kd_loss, pkl_chain_loss, pkl_loss, project, uld_loss
 from .pieces import PieceTables
 from .projection import Projection
+from .reference import NEMO_MERGE
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Projection", "PieceTables", "pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "chain_loss",
-    "pkl_chain_loss", "project", "nn", "ops", "reference", "__version__", "AlignedBatch", "AlignedCollator",
-    "align_spans", "align_texts", "align_conversations",
+    "Projection", "NEMO_MERGE", "PieceTables", "pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss",
+    "chain_loss", "pkl_chain_loss", "project", "nn", "ops", "reference", "__version__", "AlignedBatch",
+    "AlignedCollator", "align_spans", "align_texts", "align_conversations",
     "DistillationCollator", "DistillationTrainer", "Teacher",
 ]  # fmt: skip
 

@@ -32,6 +32,7 @@ from .chat import (
     render_prompts,
 )
 from .pieces import PieceTables
+from .nn import LearnedProjection
 from .projection import Projection
 from .tokenizer import load_tokenizer
 
@@ -129,13 +130,18 @@ class Teacher:
         weight: alpha_m, the teacher's static weight in ``L_kd_total = sum_m alpha_m L_m``.
         dtype: the dtype the teacher runs in (e.g. ``torch.bfloat16``); ``None`` keeps the model's. Its
             logits are cast to the student logits' dtype for the loss.
-        temperature, merge: as in :func:`xtoken.pkl_loss` (SPEC.md §3, §4).
+        temperature, merge: as in :func:`xtoken.pkl_loss` (SPEC.md §3, §4); ``merge`` is one name for both
+            sides or a pair ``(student_merge, teacher_merge)``, e.g. ``xtoken.NEMO_MERGE`` (NeMo-RL's pooling).
         options: further keyword arguments of the loss (``matched``, ``beta``, ``uld_topk``, ``weights``
             for the hybrid losses).
         name: the name the logs use (default ``teacher<i>``, ``i`` its position in the run).
         chat_template: how this teacher renders conversations (:class:`xtoken.chat.ChatTemplate`'s
             ``template``: a Jinja string, a name in ``xtoken.chat.CHAT_TEMPLATES`` or a callable); ``None``: its
             tokenizer's own template (the student's for a teacher with the student's tokenizer).
+        learn_projection: train W's values jointly with the student (X-Token's learned W; P-KL only, the support
+            fixed, each row kept stochastic: :class:`xtoken.nn.LearnedProjection`). The trainer gives them their
+            own optimizer group and saves the learned W with every checkpoint.
+        projection_lr: the learning rate of W's values (the paper's 1e-2), under the run's schedule.
     """
 
     model: torch.nn.Module
@@ -145,10 +151,12 @@ class Teacher:
     weight: float = 1.0
     dtype: torch.dtype | None = None
     temperature: float = 1.0
-    merge: str = "first"
+    merge: str | tuple[str, str] = "first"
     options: dict[str, Any] | None = None
     name: str | None = None
     chat_template: Any = None
+    learn_projection: bool = False
+    projection_lr: float = 1e-2
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, torch.nn.Module):
@@ -164,6 +172,11 @@ class Teacher:
         if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise ValueError(f"Teacher.dtype: expected a floating torch.dtype or None, got {self.dtype!r}")
         losses._check_options(self.temperature, self.merge, "sum")
+        if not isinstance(self.learn_projection, bool):
+            raise TypeError(f"Teacher.learn_projection: expected a bool, got {self.learn_projection!r}")
+        if not (isinstance(self.projection_lr, (int, float)) and math.isfinite(self.projection_lr)
+                and self.projection_lr > 0):
+            raise ValueError(f"Teacher.projection_lr: expected a finite number > 0, got {self.projection_lr!r}")
 
     def resolved_loss(self) -> str:
         """The loss this teacher uses: ``loss``, or for ``"auto"`` the audit's recommendation (``"kd"``
@@ -182,7 +195,8 @@ class Teacher:
 
 @dataclass(frozen=True)
 class PreparedTeacher:
-    """A teacher ready for the loss: its name, resolved loss and what that loss reads (``mapping``)."""
+    """A teacher ready for the loss: its name, resolved loss and what that loss reads (``mapping``: W, a
+    :class:`xtoken.nn.LearnedProjection` for a teacher with ``learn_projection``, the common pairs, or None)."""
 
     teacher: Teacher
     name: str
@@ -233,6 +247,14 @@ def prepare_teachers(
             mapping = _LOSSES[loss].mapping(projection, student, teacher_tokenizer, student_vocab_size)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
+        if teacher.learn_projection:
+            if loss != "pkl":
+                raise ValueError(
+                    f"{where}: learn_projection trains W's values through P-KL's gradient; {loss!r} reads no W values "
+                    "that could learn (H-KL and GOLD use only W's largest weight per row and its pairs). Use "
+                    "loss='pkl' or learn_projection=False"
+                )
+            mapping = LearnedProjection(mapping)
         prepared.append(PreparedTeacher(teacher, name, loss, mapping))
     return prepared
 

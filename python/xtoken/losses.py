@@ -10,7 +10,7 @@ import torch
 from . import ops as _ops  # noqa: F401  (registers fakes and autograd)
 from .pieces import PieceTables
 from .projection import Projection
-from .reference import MATCHED, MERGES, REDUCTIONS, hybrid_weights, reduce
+from .reference import MATCHED, REDUCTIONS, hybrid_weights, merge_pair, reduce
 
 __all__ = ["pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "chain_loss", "pkl_chain_loss", "project"]
 
@@ -40,11 +40,10 @@ def _targets(targets, name: str, device: torch.device) -> torch.Tensor | None:
     return torch.as_tensor(targets, device=device).reshape(-1).to(torch.int64)
 
 
-def _check_options(temperature: float, merge: str, reduction: str) -> None:
+def _check_options(temperature: float, merge, reduction: str) -> None:
     if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
-    if merge not in MERGES:
-        raise ValueError(f"merge: expected one of {MERGES}, got {merge!r}")
+    merge_pair(merge)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
 
@@ -87,7 +86,8 @@ def _hybrid_loss(student_logits, teacher_logits, chunks, pairs, *, temperature, 
     zs = _rows(student_logits, "student_logits")
     zt = _rows(teacher_logits, "teacher_logits")
     terms, _, _ = torch.ops.xtoken.hybrid_loss_fwd(
-        zs, zt, _chunk_table(chunks, zs.device), pairs, float(temperature), merge, matched, float(beta), uld_topk,
+        zs, zt, _chunk_table(chunks, zs.device), pairs, float(temperature), *merge_pair(merge), matched, float(beta),
+        uld_topk,
         _targets(student_targets, "student_targets", zs.device),
         _targets(teacher_targets, "teacher_targets", zs.device),
     )  # fmt: skip
@@ -105,7 +105,11 @@ _HYBRID_ARGS = """
             once per column, or a :class:`Projection` ({kind} pairs; computed on every call, so prefer
             the table or the module in a training loop).
         temperature: tau > 0; ``p = softmax(z / tau)`` and the loss is multiplied by tau^2.
-        merge: ``"first"``, ``"mean"`` or ``"bayes"`` (SPEC.md §3); ``"bayes"`` needs the targets.
+        merge: how each side of a chunk pools its predictor rows (SPEC.md §3): ``"first"``, ``"mean"``,
+            ``"bayes"`` or ``"logmean"`` (the geometric mean of the rows' probabilities, not renormalized) for
+            both sides, or a pair ``(student_merge, teacher_merge)``. ``xtoken.NEMO_MERGE`` = ``("mean",
+            "logmean")`` is NeMo-RL's pooling, the code behind the X-Token paper's numbers. A side pooled by
+            ``"bayes"`` needs that side's targets.
         matched: the matched term D, ``"kl"`` (p_t log(p_t / p_s), logs clamped at 1e-10) or ``"jsd"`` (TRL's
             generalized JSD on probabilities clamped at 1e-8; ``beta=0`` forward KL, ``beta=1`` reverse KL).
         beta: the JSD mixing coefficient in [0, 1] (read by ``matched="jsd"`` only).
@@ -114,7 +118,7 @@ _HYBRID_ARGS = """
             ``w_u = 1 - w_c``.
         reduction: ``"mean"`` (tau^2 * sum / K), ``"sum"`` (tau^2 * sum) or ``"none"`` (tau^2 * per chunk).
         student_targets, teacher_targets: int64 ``[N_s]`` / ``[N_t]``, the realized next token of each row
-            (-1 where none); read by ``merge="bayes"`` only.
+            (-1 where none); read only on a side pooled by ``"bayes"``.
 
     Returns:
         A float32 scalar (float64 for float64 logits), or ``[K]`` for ``reduction="none"``.
@@ -131,7 +135,7 @@ def gold_loss(
     pairs,
     *,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     matched: str = "kl",
     beta: float = 0.5,
     uld_topk: int | None = 8192,
@@ -159,7 +163,7 @@ def hkl_loss(
     pairs,
     *,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     matched: str = "kl",
     beta: float = 0.5,
     uld_topk: int | None = 8192,
@@ -189,7 +193,7 @@ def uld_loss(
     chunks: torch.Tensor,
     *,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     uld_topk: int | None = 8192,
     reduction: str = "mean",
     student_targets: torch.Tensor | None = None,
@@ -214,7 +218,7 @@ def kd_loss(
     chunks: torch.Tensor,
     *,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     reduction: str = "mean",
     student_targets: torch.Tensor | None = None,
     teacher_targets: torch.Tensor | None = None,
@@ -229,7 +233,7 @@ def kd_loss(
     zs = _rows(student_logits, "student_logits")
     zt = _rows(teacher_logits, "teacher_logits")
     losses, _, _ = torch.ops.xtoken.kd_loss_fwd(
-        zs, zt, _chunk_table(chunks, zs.device), float(temperature), merge,
+        zs, zt, _chunk_table(chunks, zs.device), float(temperature), *merge_pair(merge),
         _targets(student_targets, "student_targets", zs.device),
         _targets(teacher_targets, "teacher_targets", zs.device),
     )  # fmt: skip
@@ -240,10 +244,10 @@ def pkl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     chunks: torch.Tensor,
-    projection: Projection,
+    projection,
     *,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     reduction: str = "mean",
     student_targets: torch.Tensor | None = None,
     teacher_targets: torch.Tensor | None = None,
@@ -257,12 +261,17 @@ def pkl_loss(
         teacher_logits: ``[N_t, V_t]`` or ``[B, T_t, V_t]``, same dtype. Receives no gradient.
         chunks: int32 ``[K, 4]`` rows ``(s0, s1, t0, t1)``: student predictor rows ``[s0, s1)`` and teacher
             predictor rows ``[t0, t1)``; student rows sorted and disjoint (as ``align_texts`` makes them).
-        projection: the :class:`Projection` W with ``V_s`` rows.
+        projection: the :class:`Projection` W with ``V_s`` rows, or a :class:`xtoken.nn.LearnedProjection` (W's
+            values trainable on its fixed support: the loss is then differentiable in them too).
         temperature: tau > 0; ``p = softmax(z / tau)`` and the loss is multiplied by tau^2.
-        merge: ``"first"``, ``"mean"`` or ``"bayes"`` (SPEC.md §3); ``"bayes"`` needs the targets.
+        merge: how each side of a chunk pools its predictor rows (SPEC.md §3): ``"first"``, ``"mean"``,
+            ``"bayes"`` or ``"logmean"`` (the geometric mean of the rows' probabilities, not renormalized) for
+            both sides, or a pair ``(student_merge, teacher_merge)``. ``xtoken.NEMO_MERGE`` = ``("mean",
+            "logmean")`` is NeMo-RL's pooling, the code behind the X-Token paper's numbers. A side pooled by
+            ``"bayes"`` needs that side's targets.
         reduction: ``"mean"`` (tau^2 * sum / K), ``"sum"`` (tau^2 * sum) or ``"none"`` (tau^2 * per chunk).
         student_targets, teacher_targets: int64 ``[N_s]`` / ``[N_t]``, the realized next token of each row
-            (-1 where none); read by ``merge="bayes"`` only.
+            (-1 where none); read only on a side pooled by ``"bayes"``.
 
     Returns:
         A float32 scalar (float64 for float64 logits), or ``[K]`` for ``reduction="none"``.
@@ -273,12 +282,9 @@ def pkl_loss(
     _check_options(temperature, merge, reduction)
     zs = _rows(student_logits, "student_logits")
     zt = _rows(teacher_logits, "teacher_logits")
-    if not isinstance(projection, Projection):
-        raise TypeError(f"projection: expected an xtoken.Projection, got {type(projection).__name__}")
-    W = projection.to(zs.device)
     table = _chunk_table(chunks, zs.device)
     losses, _, _ = torch.ops.xtoken.pkl_loss_fwd(
-        zs, zt, table, *W.kernel_args(zt.shape[1]), float(temperature), merge,
+        zs, zt, table, *_projection_args(projection, zs.device, zt.shape[1]), float(temperature), *merge_pair(merge),
         _targets(student_targets, "student_targets", zs.device),
         _targets(teacher_targets, "teacher_targets", zs.device),
     )  # fmt: skip
@@ -375,6 +381,22 @@ def pkl_chain_loss(
         return per_chunk
     total = per_chunk.sum()
     return total if reduction == "sum" else total / max(table.shape[0], 1)
+
+
+def _projection_args(projection, device: torch.device, teacher_width: int) -> tuple[torch.Tensor, ...]:
+    """W as the P-KL op takes it: a :class:`Projection` (moved to ``device``, cached) or a learned W's current
+    values (which must already be on ``device``: it holds parameters)."""
+    if isinstance(projection, Projection):
+        return projection.to(device).kernel_args(teacher_width)
+    from .nn import LearnedProjection  # nn imports this module
+
+    if isinstance(projection, LearnedProjection):
+        if projection.device != device:
+            raise ValueError(f"projection: the LearnedProjection is on {projection.device} but the logits are on "
+                             f"{device}; move it with .to(device)")
+        return projection.kernel_args(teacher_width)
+    raise TypeError(f"projection: expected an xtoken.Projection or xtoken.nn.LearnedProjection, got "
+                    f"{type(projection).__name__}")
 
 
 def project(probs: torch.Tensor, projection: Projection) -> torch.Tensor:

@@ -18,7 +18,113 @@ from . import losses, ops
 from .pieces import PieceTables
 from .projection import Projection
 
-__all__ = ["PKLLoss", "GOLDLoss", "HKLLoss", "ULDLoss", "KDLoss", "ChainLoss", "XTokenLoss"]
+__all__ = ["PKLLoss", "GOLDLoss", "HKLLoss", "ULDLoss", "KDLoss", "ChainLoss", "XTokenLoss", "LearnedProjection"]
+
+
+class LearnedProjection(nn.Module):
+    """W with trainable values on a fixed support: X-Token's learned W (the paper's best P-KL trains W's values
+    jointly with the student at lr 1e-2, the sparsity fixed). Each row's weights are a softmax of logits
+    ``theta`` over the row's present slots, so every row stays stochastic whatever the updates: a row with one
+    slot keeps weight 1 (and gets no gradient), an empty row stays empty.
+
+    Pass it to :func:`xtoken.pkl_loss` or :class:`PKLLoss` in place of the :class:`Projection`: the P-KL kernels
+    then also return the gradient in W's values (on the CPU and CUDA, deterministically), which autograd takes
+    on to ``theta``. Only P-KL trains W; H-KL and GOLD read only W's argmax and pairs.
+
+    Args:
+        projection: the W to start from (its support, values, metadata and vocabularies). ``theta`` starts at
+            ``log(val)`` on the present slots, so the module starts as exactly that W.
+
+    Example::
+
+        learned = xtoken.nn.LearnedProjection(W).to("cuda")
+        optimizer = torch.optim.AdamW([*student.parameters()], lr=1e-4)
+        optimizer.add_param_group({"params": learned.parameters(), "lr": 1e-2, "weight_decay": 0.0})
+        loss = xtoken.pkl_loss(student_logits, teacher_logits, chunks, learned)
+        ...
+        learned.save("w_learned.safetensors")  # the same format as Projection.save
+    """
+
+    # Floor of the weights whose log initializes theta (a present slot of weight 0 starts at exp(-69)).
+    _MIN_WEIGHT = 1e-30
+
+    def __init__(self, projection: Projection) -> None:
+        super().__init__()
+        if not isinstance(projection, Projection):
+            raise TypeError(f"projection: expected an xtoken.Projection, got {type(projection).__name__}")
+        self._start = projection.to("cpu")
+        self.theta = nn.Parameter(self._logits(self._start.val))
+
+    def _logits(self, val: torch.Tensor) -> torch.Tensor:
+        """``theta`` whose row softmax is ``val`` (rows summing to 1): ``log(val)`` on the present slots, 0 (unused)
+        on the empty ones."""
+        present = self._start.idx.to(val.device) >= 0
+        return torch.where(present, val.clamp_min(self._MIN_WEIGHT).log(), val.new_zeros(()))
+
+    @property
+    def device(self) -> torch.device:
+        return self.theta.device
+
+    @property
+    def student_vocab_size(self) -> int:
+        return self._start.student_vocab_size
+
+    @property
+    def teacher_vocab_size(self) -> int:
+        return self._start.teacher_vocab_size
+
+    def _support(self) -> Projection:
+        """The starting W on this module's device (its support and transpose, cached per device)."""
+        return self._start.to(self.device)
+
+    def weights(self) -> torch.Tensor:
+        """The current values of W, ``[V_s, P]``: per row, a softmax of ``theta`` over the present slots (0 at
+        empty slots; an empty row stays 0). Differentiable in ``theta``."""
+        present = self._support().idx >= 0
+        empty_row = ~present.any(dim=1, keepdim=True)
+        # Empty rows get finite logits (then a zero mask), so that no NaN reaches theta's gradient.
+        logits = torch.where(present, self.theta, float("-inf"))
+        logits = torch.where(empty_row, torch.zeros_like(logits), logits)
+        return torch.softmax(logits, dim=1) * present
+
+    def forward(self) -> torch.Tensor:
+        return self.weights()
+
+    def kernel_args(self, teacher_width: int) -> tuple[torch.Tensor, ...]:
+        """(idx, val, col_ptr, col_src, col_val) for the xtoken ops, with ``val`` the current (differentiable)
+        values and ``col_val`` gathered from them through the transpose's slot permutation on every call, so
+        that both forms of W always agree."""
+        support = self._support()
+        cols = support.columns(teacher_width)
+        val = self.weights()
+        return (support.idx, val, cols.col_ptr, cols.col_src, val.detach().reshape(-1)[cols.col_slot])
+
+    def projection(self) -> Projection:
+        """The current W as a float32 :class:`Projection` on the CPU, with the metadata and vocabularies of the W it
+        started from (so its vocabulary hashes still check the tokenizers)."""
+        start = self._start
+        return Projection(start.idx, self.weights().detach().float().cpu(),
+                          teacher_vocab_size=start.teacher_vocab_size, metadata=start.metadata,
+                          vocabularies=start.vocabularies)
+
+    def save(self, path) -> None:
+        """Save the current W as :meth:`Projection.save` does (same format, hashes and metadata): a file that
+        :meth:`Projection.load` and :meth:`load_values` read."""
+        self.projection().save(path)
+
+    @torch.no_grad()
+    def load_values(self, projection: Projection) -> None:
+        """Continue from the values of ``projection`` (e.g. a W saved by :meth:`save`), which must have this
+        module's support: ``theta = log(val)`` on the present slots."""
+        if not isinstance(projection, Projection):
+            raise TypeError(f"projection: expected an xtoken.Projection, got {type(projection).__name__}")
+        if not torch.equal(projection.idx.cpu(), self._start.idx):
+            raise ValueError("projection: its support (idx) differs from this LearnedProjection's; a learned W keeps "
+                             "the support it started from")
+        self.theta.copy_(self._logits(projection.val.to(self.theta.device, self.theta.dtype)))
+
+    def extra_repr(self) -> str:
+        return f"V_s={self.student_vocab_size}, V_t={self.teacher_vocab_size}, top_k={self._start.top_k}"
 
 
 class _ChecksOnce(nn.Module):
@@ -40,8 +146,9 @@ class _ChecksOnce(nn.Module):
 
 class PKLLoss(_ChecksOnce):
     """Module form of :func:`xtoken.pkl_loss`. W is registered as buffers, so ``.to(device)`` moves it
-    and ``state_dict()`` saves it. Content checks on the first call per device only (see the module
-    docstring).
+    and ``state_dict()`` saves it; a :class:`LearnedProjection` is held as a submodule instead, so its
+    ``theta`` are parameters of the loss module. Content checks on the first call per device only (see the
+    module docstring).
 
     Example::
 
@@ -49,23 +156,28 @@ class PKLLoss(_ChecksOnce):
         loss = loss_fn(student_logits, teacher_logits, chunks)
     """
 
-    def __init__(
-        self, projection: Projection, *, temperature: float = 1.0, merge: str = "first", reduction: str = "mean"
-    ) -> None:
+    def __init__(self, projection, *, temperature: float = 1.0, merge="first", reduction: str = "mean") -> None:
         super().__init__()
-        if not isinstance(projection, Projection):
-            raise TypeError(f"projection: expected an xtoken.Projection, got {type(projection).__name__}")
+        if not isinstance(projection, (Projection, LearnedProjection)):
+            raise TypeError(f"projection: expected an xtoken.Projection or LearnedProjection, got "
+                            f"{type(projection).__name__}")
         losses._check_options(temperature, merge, reduction)
-        self.register_buffer("proj_idx", projection.idx)
-        self.register_buffer("proj_val", projection.val)
         self.teacher_vocab_size = projection.teacher_vocab_size
         self.temperature = temperature
         self.merge = merge
         self.reduction = reduction
+        if isinstance(projection, LearnedProjection):
+            self.learned = projection
+            return
+        self.learned = None
+        self.register_buffer("proj_idx", projection.idx)
+        self.register_buffer("proj_val", projection.val)
         self._projection = projection
 
-    def projection(self) -> Projection:
-        """The module's W on the device of its buffers."""
+    def projection(self):
+        """The module's W on the device of its buffers (or its :class:`LearnedProjection`)."""
+        if self.learned is not None:
+            return self.learned
         if self._projection.idx is not self.proj_idx or self._projection.val is not self.proj_val:
             self._projection = Projection(self.proj_idx, self.proj_val, teacher_vocab_size=self.teacher_vocab_size)
         return self._projection
@@ -85,7 +197,8 @@ class PKLLoss(_ChecksOnce):
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return (f"V_s={self.proj_idx.shape[0]}, V_t={self.teacher_vocab_size}, temperature={self.temperature}, "
+        V_s = self.learned.student_vocab_size if self.learned is not None else self.proj_idx.shape[0]
+        return (f"V_s={V_s}, V_t={self.teacher_vocab_size}, temperature={self.temperature}, "
                 f"merge={self.merge!r}, reduction={self.reduction!r}")
 
 
@@ -94,7 +207,7 @@ class _HybridLoss(_ChecksOnce):
 
     _pair_kind = "exact"
 
-    def __init__(self, pairs, *, temperature: float = 1.0, merge: str = "first", matched: str = "kl",
+    def __init__(self, pairs, *, temperature: float = 1.0, merge="first", matched: str = "kl",
                  beta: float = 0.5, uld_topk: int | None = 8192, weights="adaptive", reduction: str = "mean") -> None:
         super().__init__()
         losses._check_options(temperature, merge, reduction)
@@ -151,7 +264,7 @@ class HKLLoss(_HybridLoss):
 class ULDLoss(_HybridLoss):
     """Module form of :func:`xtoken.uld_loss` (the hybrid loss with no pairs)."""
 
-    def __init__(self, *, temperature: float = 1.0, merge: str = "first", uld_topk: int | None = 8192,
+    def __init__(self, *, temperature: float = 1.0, merge="first", uld_topk: int | None = 8192,
                  reduction: str = "mean") -> None:
         super().__init__(torch.zeros(0, 2, dtype=torch.int32), temperature=temperature, merge=merge,
                          uld_topk=uld_topk, weights=(0.0, 1.0), reduction=reduction)
@@ -160,7 +273,7 @@ class ULDLoss(_HybridLoss):
 class KDLoss(_ChecksOnce):
     """Module form of :func:`xtoken.kd_loss` (same-vocabulary KD)."""
 
-    def __init__(self, *, temperature: float = 1.0, merge: str = "first", reduction: str = "mean") -> None:
+    def __init__(self, *, temperature: float = 1.0, merge="first", reduction: str = "mean") -> None:
         super().__init__()
         losses._check_options(temperature, merge, reduction)
         self.temperature = temperature
@@ -245,7 +358,7 @@ class XTokenLoss(nn.Module):
     """
 
     def __init__(self, projection: Projection, mode: str = "auto", *, temperature: float = 1.0,
-                 merge: str = "first", reduction: str = "mean", matched: str = "kl", beta: float = 0.5,
+                 merge="first", reduction: str = "mean", matched: str = "kl", beta: float = 0.5,
                  uld_topk: int | None = 8192, weights="adaptive") -> None:
         super().__init__()
         if not isinstance(projection, Projection):

@@ -134,7 +134,7 @@ torch.library.register_autograd("xtoken::project_bwd", _project_bwd_backward, se
 
 
 # ---------------------------------------------------------------------------------------------
-# pkl_loss: per-chunk P-KL, gradient into the student logits only
+# pkl_loss: per-chunk P-KL, gradient into the student logits and, for a learned W, into W's values
 
 
 @torch.library.register_fake("xtoken::pkl_loss_fwd")
@@ -148,7 +148,8 @@ def _pkl_fwd_fake(
     proj_col_src,
     proj_col_val,
     temperature,
-    merge,
+    student_merge,
+    teacher_merge,
     student_targets,
     teacher_targets,
 ):
@@ -156,27 +157,31 @@ def _pkl_fwd_fake(
 
 
 @torch.library.register_fake("xtoken::pkl_loss_bwd")
-def _pkl_bwd_fake(grad_losses, student_logits, *args):
-    return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+def _pkl_bwd_fake(grad_losses, student_logits, teacher_logits, chunks, proj_idx, proj_val, *args):
+    proj_val_grad = args[-1]
+    return (
+        torch.empty_like(student_logits, memory_format=torch.contiguous_format),
+        proj_val.new_empty(proj_val.shape if proj_val_grad else (0,)),
+    )
 
 
 def _pkl_setup(ctx, inputs, output):
-    (zs, zt, chunks, idx, val, col_ptr, col_src, col_val, temperature, merge, ts, tt) = inputs
+    (zs, zt, chunks, idx, val, col_ptr, col_src, col_val, temperature, student_merge, teacher_merge, ts, tt) = inputs
     _, lse_s, lse_t = output
     ctx.mark_non_differentiable(lse_s, lse_t)
-    ctx.temperature = temperature
-    ctx.merge = merge
+    ctx.options = (temperature, student_merge, teacher_merge)
     ctx.save_for_backward(zs, zt, chunks, idx, val, col_ptr, col_src, col_val, ts, tt, lse_s, lse_t)
 
 
 def _pkl_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
     zs, zt, chunks, idx, val, col_ptr, col_src, col_val, ts, tt, lse_s, lse_t = ctx.saved_tensors
+    val_grad = ctx.needs_input_grad[4]  # W's values (a learned W); col_val is derived from them
     with skip_content_checks():  # the forward checked the same saved inputs
-        grad = torch.ops.xtoken.pkl_loss_bwd(
+        grad, grad_val = torch.ops.xtoken.pkl_loss_bwd(
             grad_losses, zs, zt, chunks, idx, val, col_ptr, col_src, col_val,
-            ctx.temperature, ctx.merge, ts, tt, lse_s, lse_t,
+            *ctx.options, ts, tt, lse_s, lse_t, val_grad,
         )  # fmt: skip
-    return (grad,) + (None,) * 11
+    return (grad, None, None, None, grad_val if val_grad else None) + (None,) * 8
 
 
 torch.library.register_autograd("xtoken::pkl_loss_fwd", _pkl_backward, setup_context=_pkl_setup)
@@ -187,8 +192,8 @@ torch.library.register_autograd("xtoken::pkl_loss_fwd", _pkl_backward, setup_con
 
 
 @torch.library.register_fake("xtoken::hybrid_loss_fwd")
-def _hybrid_fwd_fake(student_logits, teacher_logits, chunks, pairs, temperature, merge, matched, beta, uld_topk,
-                     student_targets, teacher_targets):
+def _hybrid_fwd_fake(student_logits, teacher_logits, chunks, pairs, temperature, student_merge, teacher_merge, matched,
+                     beta, uld_topk, student_targets, teacher_targets):
     return _chunk_loss_fakes(student_logits, teacher_logits, (chunks.shape[0], 2))
 
 
@@ -198,10 +203,10 @@ def _hybrid_bwd_fake(grad_losses, student_logits, *args):
 
 
 def _hybrid_setup(ctx, inputs, output):
-    zs, zt, chunks, pairs, temperature, merge, matched, beta, uld_topk, ts, tt = inputs
+    zs, zt, chunks, pairs, temperature, student_merge, teacher_merge, matched, beta, uld_topk, ts, tt = inputs
     _, lse_s, lse_t = output
     ctx.mark_non_differentiable(lse_s, lse_t)
-    ctx.options = (temperature, merge, matched, beta, uld_topk)
+    ctx.options = (temperature, student_merge, teacher_merge, matched, beta, uld_topk)
     ctx.save_for_backward(zs, zt, chunks, pairs, ts, tt, lse_s, lse_t)
 
 
@@ -210,7 +215,7 @@ def _hybrid_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
     with skip_content_checks():  # the forward checked the same saved inputs
         grad = torch.ops.xtoken.hybrid_loss_bwd(grad_losses, zs, zt, chunks, pairs, *ctx.options, ts, tt, lse_s,
                                                 lse_t)
-    return (grad,) + (None,) * 10
+    return (grad,) + (None,) * 11
 
 
 torch.library.register_autograd("xtoken::hybrid_loss_fwd", _hybrid_backward, setup_context=_hybrid_setup)
@@ -221,7 +226,8 @@ torch.library.register_autograd("xtoken::hybrid_loss_fwd", _hybrid_backward, set
 
 
 @torch.library.register_fake("xtoken::kd_loss_fwd")
-def _kd_fwd_fake(student_logits, teacher_logits, chunks, temperature, merge, student_targets, teacher_targets):
+def _kd_fwd_fake(student_logits, teacher_logits, chunks, temperature, student_merge, teacher_merge, student_targets,
+                 teacher_targets):
     return _chunk_loss_fakes(student_logits, teacher_logits, (chunks.shape[0],))
 
 
@@ -231,10 +237,10 @@ def _kd_bwd_fake(grad_losses, student_logits, *args):
 
 
 def _kd_setup(ctx, inputs, output):
-    zs, zt, chunks, temperature, merge, ts, tt = inputs
+    zs, zt, chunks, temperature, student_merge, teacher_merge, ts, tt = inputs
     _, lse_s, lse_t = output
     ctx.mark_non_differentiable(lse_s, lse_t)
-    ctx.options = (temperature, merge)
+    ctx.options = (temperature, student_merge, teacher_merge)
     ctx.save_for_backward(zs, zt, chunks, ts, tt, lse_s, lse_t)
 
 
@@ -242,7 +248,7 @@ def _kd_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
     zs, zt, chunks, ts, tt, lse_s, lse_t = ctx.saved_tensors
     with skip_content_checks():  # the forward checked the same saved inputs
         grad = torch.ops.xtoken.kd_loss_bwd(grad_losses, zs, zt, chunks, *ctx.options, ts, tt, lse_s, lse_t)
-    return (grad,) + (None,) * 6
+    return (grad,) + (None,) * 7
 
 
 torch.library.register_autograd("xtoken::kd_loss_fwd", _kd_backward, setup_context=_kd_setup)

@@ -37,11 +37,13 @@ ROW_SUM_TOLERANCE = 1e-4
 @dataclass(frozen=True)
 class ProjectionColumns:
     """W's transpose as a gather table: teacher token t is fed by student tokens
-    ``col_src[col_ptr[t]:col_ptr[t+1]]`` with weights ``col_val[...]``."""
+    ``col_src[col_ptr[t]:col_ptr[t+1]]`` with weights ``col_val[...]``, which are the entries
+    ``col_slot[...]`` of W's flattened ``val`` (so a learned W's transpose is one gather of its values)."""
 
     col_ptr: torch.Tensor  # int32 [V_t + 1]
     col_src: torch.Tensor  # int32 [nnz]
     col_val: torch.Tensor  # float32 [nnz]
+    col_slot: torch.Tensor  # int64 [nnz]: col_val = val.reshape(-1)[col_slot]
 
 
 class TokenTable:
@@ -267,8 +269,10 @@ class Projection:
             moved.teacher_vocab_size = self.teacher_vocab_size
             moved.metadata = self.metadata
             moved.vocabularies = self.vocabularies
-            moved._columns = {v: ProjectionColumns(*(t.to(device) for t in (c.col_ptr, c.col_src, c.col_val)))
-                              for v, c in self._columns.items()}
+            moved._columns = {
+                v: ProjectionColumns(*(t.to(device) for t in (c.col_ptr, c.col_src, c.col_val, c.col_slot)))
+                for v, c in self._columns.items()
+            }
             moved._moved = {}
             self._moved[device] = moved
         return self._moved[device]
@@ -340,8 +344,10 @@ class Projection:
             counts = torch.bincount(cols, minlength=width)
             col_ptr = torch.zeros(width + 1, dtype=torch.int64, device=self.device)
             col_ptr[1:] = torch.cumsum(counts, 0)
+            col_slot = present.reshape(-1).nonzero().reshape(-1)[order]
             self._columns[width] = ProjectionColumns(
-                col_ptr.to(torch.int32), rows[order].to(torch.int32).contiguous(), self.val[present][order].contiguous()
+                col_ptr.to(torch.int32), rows[order].to(torch.int32).contiguous(), self.val.reshape(-1)[col_slot],
+                col_slot,
             )
         return self._columns[width]
 

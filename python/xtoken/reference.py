@@ -7,20 +7,37 @@ tested against these functions; the benchmarks use them as a baseline.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
-    "MERGES", "REDUCTIONS", "MATCHED", "PKL_EPS", "JSD_CLAMP", "DROP_REASONS", "pool", "project", "pkl_chunk_losses",
+    "MERGES", "NEMO_MERGE", "REDUCTIONS", "MATCHED", "PKL_EPS", "JSD_CLAMP", "DROP_REASONS", "merge_pair", "pool",
+    "log_pool", "project", "pkl_chunk_losses",
     "pkl_loss", "reduce", "matched_divergence", "sorted_l1", "hybrid_weights", "hybrid_chunk_losses", "hybrid_loss",
     "kd_chunk_losses", "kd_loss", "chain_levels", "chain_chunk_losses", "chain_loss", "align_spans",
 ]  # fmt: skip
 
-MERGES = ("first", "mean", "bayes")
+MERGES = ("first", "mean", "bayes", "logmean")
+NEMO_MERGE = ("mean", "logmean")
+"""NeMo-RL's chunk pooling (the code behind the X-Token paper's numbers): the student side is the mean of the
+rows' probabilities, the teacher side the mean of the rows' log-probabilities (a geometric mean, not
+renormalized). Pass it as ``merge=NEMO_MERGE``."""
 REDUCTIONS = ("mean", "sum", "none")
 MATCHED = ("kl", "jsd")
 PKL_EPS = 1e-10
 JSD_CLAMP = 1e-8
 DROP_REASONS = ("no_predictor", "empty_inside", "truncated")
+
+
+def merge_pair(merge) -> tuple[str, str]:
+    """``(student_merge, teacher_merge)`` from one merge name (both sides) or a pair."""
+    if isinstance(merge, str):
+        merge = (merge, merge)
+    if not (isinstance(merge, (tuple, list)) and len(merge) == 2 and all(m in MERGES for m in merge)):
+        raise ValueError(f"merge: expected one of {MERGES} or a pair (student_merge, teacher_merge) of them, got "
+                         f"{merge!r}")
+    return merge[0], merge[1]
 
 
 def pool(probs: torch.Tensor, merge: str, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,6 +53,24 @@ def pool(probs: torch.Tensor, merge: str, targets: torch.Tensor | None = None) -
         m = probs.shape[0]
         prefix = probs[torch.arange(m - 1), targets[: m - 1]]
         return probs[m - 1] * prefix.prod()
+    if merge == "logmean":
+        return probs.log().mean(dim=0).exp()
+    raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+
+
+def log_pool(log_probs: torch.Tensor, merge: str, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """``log`` of :func:`pool` from the log-probability rows ``log_probs [m, V]``, computed in log space (so it
+    never underflows to -inf where a probability is merely tiny): first ``log p_0``; mean the log-mean-exp of
+    the rows; bayes ``log p_last + sum_{i<m-1} log p_i[x_i]``; logmean the mean of the rows."""
+    m = log_probs.shape[0]
+    if merge == "first":
+        return log_probs[0]
+    if merge == "mean":
+        return torch.logsumexp(log_probs, dim=0) - math.log(m)
+    if merge == "bayes":
+        return log_probs[m - 1] + log_probs[torch.arange(m - 1), targets[: m - 1]].sum()
+    if merge == "logmean":
+        return log_probs.mean(dim=0)
     raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
 
 
@@ -44,22 +79,29 @@ def project(probs: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, teacher_v
     q = probs.new_zeros(probs.shape[:-1] + (teacher_vocab_size,))
     for slot in range(idx.shape[1]):
         present = idx[:, slot] >= 0
-        weights = val[present, slot].to(probs.dtype)
+        weights = val[present, slot].to(probs.dtype)  # differentiable in val (a learned W)
         q = q.index_add(-1, idx[present, slot].long(), probs[..., present] * weights)
     return q
 
 
 def _pooled_rows(student_logits, teacher_logits, chunks, temperature, merge, student_targets, teacher_targets,
                  dtype):
-    """(pooled student vector, pooled teacher vector) of every chunk (SPEC §3), in ``dtype``."""
-    zs = student_logits.reshape(-1, student_logits.shape[-1]).to(dtype)
-    zt = teacher_logits.reshape(-1, teacher_logits.shape[-1]).to(dtype)
-    ps_rows = torch.softmax(zs / temperature, dim=-1)
-    pt_rows = torch.softmax(zt / temperature, dim=-1)
+    """``(p_s, log p_s, p_t, log p_t)``: the pooled vectors of every chunk (SPEC §3) and their logs (computed in
+    log space, :func:`log_pool`), in ``dtype``. ``merge`` is one name or a pair (student_merge, teacher_merge)."""
+    student_merge, teacher_merge = merge_pair(merge)
+    sides = []
+    for logits, merge_, targets in ((student_logits, student_merge, student_targets),
+                                    (teacher_logits, teacher_merge, teacher_targets)):
+        z = logits.reshape(-1, logits.shape[-1]).to(dtype) / temperature
+        sides.append((torch.softmax(z, dim=-1), torch.log_softmax(z, dim=-1), merge_,
+                      None if targets is None else targets.reshape(-1)))
     for s0, s1, t0, t1 in chunks.tolist():
-        ts = None if student_targets is None else student_targets.reshape(-1)[s0:s1]
-        tt = None if teacher_targets is None else teacher_targets.reshape(-1)[t0:t1]
-        yield pool(ps_rows[s0:s1], merge, ts), pool(pt_rows[t0:t1], merge, tt)
+        pooled = []
+        for (p_rows, log_rows, merge_, targets), (r0, r1) in zip(sides, ((s0, s1), (t0, t1))):
+            x = None if targets is None else targets[r0:r1]
+            log_p = log_pool(log_rows[r0:r1], merge_, x)
+            pooled += [log_p.exp() if merge_ == "logmean" else pool(p_rows[r0:r1], merge_, x), log_p]
+        yield tuple(pooled)
 
 
 def pkl_chunk_losses(
@@ -70,22 +112,23 @@ def pkl_chunk_losses(
     val: torch.Tensor,
     *,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     student_targets: torch.Tensor | None = None,
     teacher_targets: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """P-KL per chunk (SPEC §4), without the tau^2 factor: a ``[K]`` tensor.
+    """P-KL per chunk (SPEC §4), without the tau^2 factor: a ``[K]`` tensor. ``merge``: one name or a pair
+    (student_merge, teacher_merge). Differentiable in ``student_logits`` and in ``val`` (W's values).
 
     L(k) = sum_t p_t[t] (log p_t[t] - log(q[t] + eps)),  q = W^T p_s,  terms with p_t[t] = 0 are 0.
     """
     losses = []
-    for p_s, p_t in _pooled_rows(student_logits, teacher_logits, chunks, temperature, merge, student_targets,
-                                 teacher_targets, dtype):
+    for p_s, _, p_t, log_pt in _pooled_rows(student_logits, teacher_logits, chunks, temperature, merge,
+                                            student_targets, teacher_targets, dtype):
         q = project(p_s, idx, val, teacher_logits.shape[-1])
         # Where p_t is 0 the term is 0 (and must not become 0 * log 0 = NaN); elsewhere it propagates NaN.
-        safe_pt = torch.where(p_t == 0, torch.ones_like(p_t), p_t)
-        terms = torch.where(p_t == 0, torch.zeros_like(p_t), p_t * (safe_pt.log() - (q + PKL_EPS).log()))
+        safe_log_pt = torch.where(p_t == 0, torch.zeros_like(log_pt), log_pt)
+        terms = torch.where(p_t == 0, torch.zeros_like(p_t), p_t * (safe_log_pt - (q + PKL_EPS).log()))
         losses.append(terms.sum())
     if not losses:
         return student_logits.new_zeros((0,), dtype=dtype)
@@ -112,13 +155,13 @@ def pkl_loss(
     val: torch.Tensor,
     *,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     reduction: str = "mean",
     student_targets: torch.Tensor | None = None,
     teacher_targets: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Reduced P-KL (SPEC §4), differentiable in ``student_logits`` through autograd."""
+    """Reduced P-KL (SPEC §4), differentiable in ``student_logits`` and ``val`` through autograd."""
     losses = pkl_chunk_losses(
         student_logits, teacher_logits, chunks, idx, val, temperature=temperature, merge=merge,
         student_targets=student_targets, teacher_targets=teacher_targets, dtype=dtype,
@@ -183,7 +226,7 @@ def hybrid_chunk_losses(
     pairs: torch.Tensor,
     *,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     matched: str = "kl",
     beta: float = 0.5,
     uld_topk: int | None = 8192,
@@ -193,7 +236,7 @@ def hybrid_chunk_losses(
 ) -> torch.Tensor:
     """The two terms of the hybrid loss per chunk (SPEC §4), unweighted and without tau^2: ``[K, 2]`` with
     column 0 = ``sum_n D(p_t[t_n], p_s[s_n])`` over the common pairs and column 1 = the sorted L1 over the
-    uncommon sets. With no pairs, column 1 is ULD."""
+    uncommon sets. With no pairs, column 1 is ULD. ``merge``: one name or a pair (student_merge, teacher_merge)."""
     device = student_logits.device
     pairs = pairs.reshape(-1, 2).long().to(device)
     V_s, V_t = student_logits.shape[-1], teacher_logits.shape[-1]
@@ -202,8 +245,8 @@ def hybrid_chunk_losses(
     uncommon_t = torch.ones(V_t, dtype=torch.bool, device=device)
     uncommon_t[pairs[:, 1]] = False
     rows = []
-    for p_s, p_t in _pooled_rows(student_logits, teacher_logits, chunks, temperature, merge, student_targets,
-                                 teacher_targets, dtype):
+    for p_s, _, p_t, _ in _pooled_rows(student_logits, teacher_logits, chunks, temperature, merge, student_targets,
+                                       teacher_targets, dtype):
         term_c = matched_divergence(p_t[pairs[:, 1]], p_s[pairs[:, 0]], matched, beta).sum()
         term_u = sorted_l1(p_s[uncommon_s], p_t[uncommon_t], uld_topk)
         rows.append(torch.stack([term_c, term_u]))
@@ -239,19 +282,20 @@ def kd_chunk_losses(
     chunks: torch.Tensor,
     *,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     student_targets: torch.Tensor | None = None,
     teacher_targets: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Same-vocabulary KD per chunk (SPEC §4), without tau^2: ``sum_{v : p_t[v] != 0} p_t[v] (log p_t[v] -
-    log p_s[v])``, the exact KL of the pooled vectors (no eps)."""
+    log p_s[v])``, the exact KL of the pooled vectors (no eps), both logs computed in log space (:func:`log_pool`).
+    ``merge``: one name or a pair (student_merge, teacher_merge)."""
     losses = []
-    for p_s, p_t in _pooled_rows(student_logits, teacher_logits, chunks, temperature, merge, student_targets,
-                                 teacher_targets, dtype):
+    for _, log_ps, p_t, log_pt in _pooled_rows(student_logits, teacher_logits, chunks, temperature, merge,
+                                               student_targets, teacher_targets, dtype):
         zero = p_t == 0
-        safe_t = torch.where(zero, torch.ones_like(p_t), p_t)
-        losses.append(torch.where(zero, torch.zeros_like(p_t), p_t * (safe_t.log() - p_s.log())).sum())
+        safe_log_t = torch.where(zero, torch.zeros_like(log_pt), log_pt)
+        losses.append(torch.where(zero, torch.zeros_like(p_t), p_t * (safe_log_t - log_ps)).sum())
     if not losses:
         return student_logits.new_zeros((0,), dtype=dtype)
     return torch.stack(losses)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import ops
 from .distill import (
@@ -47,6 +48,8 @@ from .distill import (
     teacher_loss,
 )
 from .onpolicy import CompletionGenerator, GenerationPrompt, HFGenerator, on_policy_step, sampling_seed
+from .nn import LearnedProjection
+from .projection import Projection
 
 __all__ = ["DistillationTrainer"]
 
@@ -113,6 +116,12 @@ class DistillationTrainer(Trainer):
     ``on_policy > 0`` also ``on_policy_share`` (the share of micro-batches that were on-policy),
     ``completion_length`` (student tokens per generated completion, over all ranks) and ``generation_seconds``
     (this rank's time in generation), all since the last log.
+
+    A teacher with ``learn_projection=True`` trains its W's values (P-KL only; :class:`xtoken.nn.LearnedProjection`)
+    in an optimizer group of their own (``projection_lr``, no weight decay, the run's schedule, no gradient
+    clipping, as in the X-Token paper); every checkpoint (and ``save_model``) holds the learned W as
+    ``xtoken_projection_<teacher>.safetensors`` in :meth:`Projection.save`'s format, which resuming restores.
+    The Trainer's own optimizer is required (not DeepSpeed's).
     """
 
     loss_is_scaled_for_ga = True
@@ -168,6 +177,16 @@ class DistillationTrainer(Trainer):
             teacher.model.to(device=self.args.device, dtype=teacher.dtype).eval().requires_grad_(False)
         # W or the common pairs on the training device once, not copied there at every step.
         self.teachers = [dataclasses.replace(p, mapping=_on_device(p.mapping, self.args.device)) for p in self.teachers]
+        self.learned_projections = {
+            p.name: p.mapping.to(self.args.device) for p in self.teachers if isinstance(p.mapping, LearnedProjection)
+        }
+        if self.learned_projections:
+            if self.optimizer is not None:
+                raise ValueError(
+                    "learn_projection needs the optimizer the trainer creates (it adds a group for each learned W); "
+                    "pass optimizer_cls_and_kwargs instead of optimizers=(...), or drop learn_projection"
+                )
+            self.add_callback(_LearnedProjectionSteps(self))
         self._step_counts: torch.Tensor | None = None
         self._content_checked = False
         self._reset_log_sums()
@@ -303,6 +322,40 @@ class DistillationTrainer(Trainer):
             student_targets=inputs["student_targets"], teacher_targets=batch["teacher_targets"],
         )  # fmt: skip
 
+    # ------------------------------------------------------------------ learned W
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, plus one group per learned W (its ``projection_lr``, no weight decay)."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh:
+            for prepared in self.teachers:
+                if prepared.name in self.learned_projections:
+                    optimizer.add_param_group({
+                        "params": list(self.learned_projections[prepared.name].parameters()),
+                        "lr": prepared.teacher.projection_lr, "weight_decay": 0.0,
+                    })  # fmt: skip
+        return optimizer
+
+    @staticmethod
+    def projection_file(name: str) -> str:
+        """The file name of teacher ``name``'s learned W in a checkpoint or output folder."""
+        return f"xtoken_projection_{name}.safetensors"
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            for name, learned in self.learned_projections.items():
+                learned.save(os.path.join(output_dir, self.projection_file(name)))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, learned in self.learned_projections.items():
+            path = os.path.join(resume_from_checkpoint, self.projection_file(name))
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{resume_from_checkpoint} holds no learned W for teacher {name!r} ({path})")
+            learned.load_values(Projection.load(path))
+
     # ------------------------------------------------------------------ logging
     def _reset_log_sums(self) -> None:
         self._log_sums: torch.Tensor | None = None
@@ -354,6 +407,27 @@ def _on_device(mapping: Any, device: torch.device) -> Any:
     if isinstance(mapping, tuple):
         return tuple(_on_device(m, device) for m in mapping)
     return mapping.to(device)
+
+
+class _LearnedProjectionSteps(TrainerCallback):
+    """The optimizer steps of the learned W's values: their gradients averaged over ranks before each step (they
+    are outside the model, so DDP does not), and cleared after it (the Trainer clears only the model's)."""
+
+    def __init__(self, trainer: DistillationTrainer) -> None:
+        self.trainer = trainer
+
+    def _parameters(self):
+        return [p for learned in self.trainer.learned_projections.values() for p in learned.parameters()]
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        accelerator = self.trainer.accelerator
+        if accelerator.num_processes > 1:
+            for p in self._parameters():  # every rank joins every reduction, with or without a gradient
+                p.grad = accelerator.reduce(torch.zeros_like(p) if p.grad is None else p.grad, reduction="mean")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for p in self._parameters():
+            p.grad = None
 
 
 def _logit_width(model: torch.nn.Module) -> int | None:

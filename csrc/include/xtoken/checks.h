@@ -18,8 +18,9 @@ void check_chunk_table(const at::Tensor& chunks);
 void check_projection_layout(const at::Tensor& idx, const at::Tensor& val, const at::Tensor& col_ptr,
                              const at::Tensor& col_src, const at::Tensor& col_val, int64_t V_s, int64_t V_t);
 void check_temperature(double temperature);
-Merge parse_merge(c10::string_view merge);
-// Targets are required (and checked against the rows) only for merge="bayes".
+// `name` names the argument in the error (student_merge, teacher_merge).
+Merge parse_merge(c10::string_view merge, const char* name);
+// Targets are required (and checked against the rows) only for a side whose merge is "bayes".
 void check_targets(const c10::optional<at::Tensor>& targets, const char* name, int64_t rows, Merge merge);
 
 // When the content checks run (SPEC.md §6). CPU inputs are always checked: there the checks cost no

@@ -1,6 +1,6 @@
 // The chunk pooling of SPEC.md §3 on the GPU, shared by every chunked loss (the formulas and their
-// backward are those of cpu_pooling.h). A Side is one side (student or teacher) of the chunks; its
-// methods are called by a whole block working on one chunk.
+// backward are those of cpu_pooling.h). A Side is one side (student or teacher) of the chunks, with its own
+// merge; its methods are called by a whole block working on one chunk.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -49,22 +49,59 @@ __device__ void nan_rows_of_chunk(const LossParams& p, const Chunk& c) {
   fill_rows(static_cast<T*>(p.grad_student), p.V_s, clamp_row(c.s0, p.N_s), clamp_row(c.s1, p.N_s), nan_value<T>());
 }
 
+// log sum_i exp(a_i[v] - L_i) over m rows from z (row stride V, logsumexps lse[0, m)): log(m p_mean[v]),
+// without underflow.
+template <typename T, typename A>
+__device__ __forceinline__ A log_sum_probs(const T* z, int64_t V, A inv_tau, const A* lse, int32_t m, int64_t v) {
+  A out = static_cast<A>(z[v]) * inv_tau - lse[0];
+  for (int32_t i = 1; i < m; ++i) {
+    const A x = static_cast<A>(z[i * V + v]) * inv_tau - lse[i];
+    const A hi = x > out ? x : out, lo = x > out ? out : x;
+    out = hi == A(-INFINITY) ? hi : hi + dlog(A(1) + dexp(lo - hi));
+  }
+  return out;
+}
+
 // The pooled rows of one side of a chunk: the probability of token v under pool(rows) without the
-// bayes prefix factor c (first: row r0; bayes: the last row; mean: the average of all rows).
+// bayes prefix factor c (first: row r0; bayes: the last row; mean: the average of all rows; logmean: the
+// geometric mean of all rows), and its log.
 template <typename T, typename A>
 struct Pooled {
   const T* __restrict__ z;  // first row used
   int64_t V;
   A inv_tau;
   A L;                        // its logsumexp (first, bayes)
-  const A* lse;              // the rows' logsumexps (mean); written by the forward kernel: not __restrict__
-  int32_t m;                  // rows averaged (mean), 0 otherwise
+  const A* lse;              // the rows' logsumexps (mean, logmean); written by the forward kernel: not __restrict__
+  int32_t m;                  // rows pooled (mean, logmean), 0 otherwise
+  bool log_mean;              // logmean rather than mean
+
+  // log p: off the logits (one row), the mean of the rows' log-probabilities (logmean) or their log-mean-exp
+  // (mean).
+  __device__ __forceinline__ A log_prob(int64_t v) const {
+    if (m == 0) return static_cast<A>(z[v]) * inv_tau - L;
+    if (!log_mean) return log_sum_probs(z, V, inv_tau, lse, m, v) - dlog(A(m));
+    A s = 0;
+    for (int32_t i = 0; i < m; ++i) s += static_cast<A>(z[i * V + v]) * inv_tau - lse[i];
+    return s / A(m);
+  }
 
   __device__ __forceinline__ A prob(int64_t v) const {
-    if (m == 0) return dexp(static_cast<A>(z[v]) * inv_tau - L);
+    if (m == 0 || log_mean) return dexp(log_prob(v));
     A p = 0;
     for (int32_t i = 0; i < m; ++i) p += dexp(static_cast<A>(z[i * V + v]) * inv_tau - lse[i]);
     return p / A(m);
+  }
+
+  // p and log p of the pooled vector times the bayes factor c = exp(log_c): mean takes the log of p (the
+  // cheaper way where p is only weighted, as on the teacher side), the others exponentiate log p.
+  __device__ __forceinline__ void prob_and_log(int64_t v, A log_c, A& p, A& lp) const {
+    if (m > 0 && !log_mean) {
+      p = prob(v);
+      lp = dlog(p);
+    } else {
+      lp = log_prob(v) + log_c;
+      p = dexp(lp);
+    }
   }
 };
 
@@ -79,11 +116,11 @@ struct Side {
   A* lse;
 
   static Side student(const LossParams& p) {
-    return {static_cast<const T*>(p.student_logits), p.V_s, A(p.inv_tau), p.merge, p.student_targets,
+    return {static_cast<const T*>(p.student_logits), p.V_s, A(p.inv_tau), p.student_merge, p.student_targets,
             static_cast<A*>(p.student_lse)};
   }
   static Side teacher(const LossParams& p) {
-    return {static_cast<const T*>(p.teacher_logits), p.V_t, A(p.inv_tau), p.merge, p.teacher_targets,
+    return {static_cast<const T*>(p.teacher_logits), p.V_t, A(p.inv_tau), p.teacher_merge, p.teacher_targets,
             static_cast<A*>(p.teacher_lse)};
   }
 
@@ -107,9 +144,11 @@ struct Side {
 
   // The pooled rows of a chunk (call after the lse values are written).
   __device__ Pooled<T, A> pooled(int32_t r0, int32_t r1) const {
-    if (merge == Merge::Mean) return {row(r0), V, inv_tau, A(0), lse + r0, r1 - r0};
+    if (merge == Merge::Mean || merge == Merge::LogMean) {
+      return {row(r0), V, inv_tau, A(0), lse + r0, r1 - r0, merge == Merge::LogMean};
+    }
     const int32_t r = pooled_row(r0, r1);
-    return {row(r), V, inv_tau, lse[r], nullptr, 0};
+    return {row(r), V, inv_tau, lse[r], nullptr, 0, false};
   }
 
   // Writes the logsumexp of every row the pooling reads (the whole block takes part).
@@ -120,20 +159,18 @@ struct Side {
     }
   }
 
-  // <p_row, h> for first and bayes: the pooled row's probabilities (without c) against h(v).
+  // The D of pool_backward for first, bayes and logmean: the pooled probabilities without c against h(v).
   template <typename H>
-  __device__ A pooled_row_dot(const H& h, int32_t r0, int32_t r1, A* scratch) const {
-    const int32_t r = pooled_row(r0, r1);
-    const A L = lse[r];
-    const T* zr = row(r);
+  __device__ A pooled_dot(const H& h, int32_t r0, int32_t r1, A* scratch) const {
+    const Pooled<T, A> pooled_rows = pooled(r0, r1);
     A acc = 0;
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) acc += dexp(static_cast<A>(zr[v]) * inv_tau - L) * h(v);
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) acc += pooled_rows.prob(v) * h(v);
     return block_sum(acc, scratch);
   }
 
   // The gradient rows [r0, r1) of a loss whose gradient in the pooled vector is h(v), into the gradient
-  // base dz (row 0); every row of the chunk is written. c is the bayes prefix factor and D = <p_row, h>
-  // (first, bayes; see pooled_row_dot); mean computes its own per row.
+  // base dz (row 0); every row of the chunk is written. c is the bayes prefix factor and D = <p, h> with p
+  // the pooled probabilities without c (first, bayes, logmean; see pooled_dot); mean computes its own per row.
   template <typename H>
   __device__ void pool_backward(T* dz, const H& h, int32_t r0, int32_t r1, A c, A D, A* scratch) const {
     if (merge == Merge::First) {
@@ -155,6 +192,15 @@ struct Side {
         T* out = dz + r * V;
         for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
           out[v] = static_cast<T>(scale * dexp(static_cast<A>(zr[v]) * inv_tau - L) * (h(v) - d_row));
+        }
+      }
+    } else if (merge == Merge::LogMean) {  // dz_r = (p_hat h - p_r D) / (m tau)
+      const A scale = inv_tau / A(r1 - r0);
+      const Pooled<T, A> pooled_rows = pooled(r0, r1);
+      for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        const A hp = h(v) * pooled_rows.prob(v);
+        for (int32_t r = r0; r < r1; ++r) {
+          dz[r * V + v] = static_cast<T>(scale * (hp - dexp(static_cast<A>(row(r)[v]) * inv_tau - lse[r]) * D));
         }
       }
     } else {  // Bayes: D is u = <p_last, h>
