@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .reference import NEMO_MERGE
+
 __all__ = [
     "METHODS",
     "SETTINGS",
@@ -65,13 +67,20 @@ METHODS = {
     "gold": "CE+GOLD",
     "hkl": "CE+H-KL",
     "pkl": "CE+P-KL",
+    "pkl-nemo": "CE+P-KL, NeMo's merge",
+    "pkl-learned": "CE+P-KL, learned W",
     "chain": "CE+chain KL",
     "pkl+chain": "CE+P-KL (1:1) + chain KL (rest)",
 }
 """Student training methods -> the label of the table. ``"ce"``: no teacher; ``"gold"``, ``"hkl"``, ``"pkl"``,
-``"chain"``, ``"pkl+chain"``: that cross-tokenizer loss (the student has its own, digit-packing tokenizer). The two controls
-train a student of the same size and budget on the *teacher's* tokenizer, under CE only and under CE plus
-same-tokenizer KD: they show what distillation can do in the toy when the tokenizers agree."""
+``"chain"``, ``"pkl+chain"``: that cross-tokenizer loss (the student has its own, digit-packing tokenizer), with
+:class:`xtoken.Teacher`'s defaults (``merge="first"``, temperature 1); ``"pkl-nemo"``: P-KL with NeMo-RL's pooling
+(``merge=xtoken.NEMO_MERGE``); ``"pkl-learned"``: P-KL with W's values trained jointly (``learn_projection=True``,
+lr 1e-2, the paper's setting). The two controls train a student of the same size and budget on the *teacher's*
+tokenizer, under CE only and under CE plus same-tokenizer KD: they show what distillation can do in the toy when
+the tokenizers agree."""
+
+_METHOD_LOSSES = {"pkl-nemo": ("pkl", {"merge": NEMO_MERGE}), "pkl-learned": ("pkl", {"learn_projection": True})}
 
 _NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gia", "Hugo", "Ida", "Jon", "Kim", "Leo", "Mia", "Ned")
 _OBJECTS = ("apples", "pens", "coins", "books", "cards", "shells", "stamps", "marbles", "cups", "eggs")
@@ -432,6 +441,9 @@ def method_variants(methods: Sequence[str]) -> list[StudentVariant]:
     for m in methods:
         if m.startswith("control-"):
             variants.append(StudentVariant(METHODS[m], "kd" if m == "control-kd" else None, tokenizer="teacher"))
+        elif m in _METHOD_LOSSES:
+            loss, options = _METHOD_LOSSES[m]
+            variants.append(StudentVariant(METHODS[m], loss, teacher_options=options))
         else:
             variants.append(StudentVariant(METHODS[m], None if m == "ce" else m))
     return variants
