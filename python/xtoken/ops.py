@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the library; its static initializers register the ops)
+from . import checks
 
 __all__ = ["built_with_cuda", "cuda_kernels_registered", "OP_NAMES"]
 
@@ -31,6 +32,24 @@ def cuda_kernels_registered() -> dict[str, bool]:
     }
 
 
+def _fake(op: str):
+    """``register_fake`` for ``xtoken::op``, with the check every real kernel makes first: all tensor arguments
+    on one device. The dispatcher runs the fake kernel whenever any argument is a meta tensor, so without
+    it a meta tensor mixed with real ones would give an uninitialized result instead of an error."""
+    names = [a.name for a in getattr(torch.ops.xtoken, op).default._schema.arguments]
+
+    def register(shapes):
+        def fake(*args, **kwargs):
+            values = {**dict(zip(names, args)), **kwargs}
+            checks.same_device({n: v for n, v in values.items() if isinstance(v, torch.Tensor)}, op)
+            return shapes(*args, **kwargs)
+
+        torch.library.register_fake(f"xtoken::{op}", fake)
+        return shapes
+
+    return register
+
+
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -48,12 +67,12 @@ def _chunk_loss_fakes(student_logits, teacher_logits, loss_shape):
 # project: q = W^T p
 
 
-@torch.library.register_fake("xtoken::project_fwd")
+@_fake("project_fwd")
 def _project_fwd_fake(probs, proj_idx, proj_val, proj_col_ptr, proj_col_src, proj_col_val):
     return probs.new_empty((probs.shape[0], proj_col_ptr.shape[0] - 1))
 
 
-@torch.library.register_fake("xtoken::project_bwd")
+@_fake("project_bwd")
 def _project_bwd_fake(grad_q, proj_idx, proj_val, proj_col_ptr, proj_col_src, proj_col_val):
     return grad_q.new_empty((grad_q.shape[0], proj_idx.shape[0]))
 
@@ -86,7 +105,7 @@ torch.library.register_autograd("xtoken::project_bwd", _project_bwd_backward, se
 # pkl_loss: per-chunk P-KL, gradient into the student logits only
 
 
-@torch.library.register_fake("xtoken::pkl_loss_fwd")
+@_fake("pkl_loss_fwd")
 def _pkl_fwd_fake(
     student_logits,
     teacher_logits,
@@ -104,7 +123,7 @@ def _pkl_fwd_fake(
     return _chunk_loss_fakes(student_logits, teacher_logits, (chunks.shape[0],))
 
 
-@torch.library.register_fake("xtoken::pkl_loss_bwd")
+@_fake("pkl_loss_bwd")
 def _pkl_bwd_fake(grad_losses, student_logits, *args):
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
@@ -134,13 +153,13 @@ torch.library.register_autograd("xtoken::pkl_loss_fwd", _pkl_backward, setup_con
 # hybrid_loss: per-chunk (matched, sorted-L1) terms, gradient into the student logits only
 
 
-@torch.library.register_fake("xtoken::hybrid_loss_fwd")
+@_fake("hybrid_loss_fwd")
 def _hybrid_fwd_fake(student_logits, teacher_logits, chunks, pairs, temperature, merge, matched, beta, uld_topk,
                      student_targets, teacher_targets):
     return _chunk_loss_fakes(student_logits, teacher_logits, (chunks.shape[0], 2))
 
 
-@torch.library.register_fake("xtoken::hybrid_loss_bwd")
+@_fake("hybrid_loss_bwd")
 def _hybrid_bwd_fake(grad_losses, student_logits, *args):
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
@@ -166,12 +185,12 @@ torch.library.register_autograd("xtoken::hybrid_loss_fwd", _hybrid_backward, set
 # kd_loss: per-chunk same-vocabulary KL, gradient into the student logits only
 
 
-@torch.library.register_fake("xtoken::kd_loss_fwd")
+@_fake("kd_loss_fwd")
 def _kd_fwd_fake(student_logits, teacher_logits, chunks, temperature, merge, student_targets, teacher_targets):
     return _chunk_loss_fakes(student_logits, teacher_logits, (chunks.shape[0],))
 
 
-@torch.library.register_fake("xtoken::kd_loss_bwd")
+@_fake("kd_loss_bwd")
 def _kd_bwd_fake(grad_losses, student_logits, *args):
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
@@ -197,7 +216,7 @@ torch.library.register_autograd("xtoken::kd_loss_fwd", _kd_backward, setup_conte
 # align_spans: chunk tables from token end offsets (integer outputs, no autograd)
 
 
-@torch.library.register_fake("xtoken::align_spans")
+@_fake("align_spans")
 def _align_spans_fake(student_ends, student_lengths, student_left_padded, teacher_ends, teacher_lengths,
                       teacher_left_padded):
     batch = student_ends.shape[0]
