@@ -50,6 +50,23 @@ def _fake(op: str):
     return register
 
 
+def _no_double_backward(op: str) -> None:
+    """An autograd formula for the backward op ``xtoken::op`` that raises: differentiating a loss's gradient
+    (``create_graph=True``, then a backward through the gradient: a gradient penalty, a Hessian-vector
+    product) would otherwise silently drop the second-order term."""
+    loss = op.removesuffix("_bwd")
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"xtoken::{op}: double backward is not supported: the fused {loss} has no formula for the gradient "
+            "of its gradient, so a second-order term (gradient penalty, Hessian-vector product) through it would "
+            f"be wrong. Use xtoken.reference.{loss} (plain PyTorch, float64) for second-order terms, or detach "
+            "the loss from the part that is differentiated twice"
+        )
+
+    torch.library.register_autograd(f"xtoken::{op}", backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -147,6 +164,7 @@ def _pkl_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
 
 
 torch.library.register_autograd("xtoken::pkl_loss_fwd", _pkl_backward, setup_context=_pkl_setup)
+_no_double_backward("pkl_loss_bwd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +197,7 @@ def _hybrid_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
 
 
 torch.library.register_autograd("xtoken::hybrid_loss_fwd", _hybrid_backward, setup_context=_hybrid_setup)
+_no_double_backward("hybrid_loss_bwd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +229,7 @@ def _kd_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
 
 
 torch.library.register_autograd("xtoken::kd_loss_fwd", _kd_backward, setup_context=_kd_setup)
+_no_double_backward("kd_loss_bwd")
 
 
 # ---------------------------------------------------------------------------------------------
