@@ -25,6 +25,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from . import checks
 from . import ops as _ops  # noqa: F401  (registers the op's fake kernel)
 from .reference import DROP_REASONS
 from .tokenizer import TokenizerAdapter, byte_level_alphabet, load_tokenizer
@@ -465,10 +466,13 @@ def align_spans(
         ("teacher", teacher_ends, teacher_lengths, teacher_padding_side),
     ):
         left = _padding_side(padding_side, f"{name}_padding_side")
+        if not isinstance(ends, torch.Tensor):
+            raise TypeError(f"{name}_ends: expected an integer [B, T] tensor, got {type(ends).__name__}")
         lengths = torch.as_tensor(lengths, device=ends.device)
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
             raise TypeError(f"{name}_lengths: expected an integer tensor, got {lengths.dtype}")
-        sides.append((ends, lengths.to(torch.int32), left))
+        ends = checks.int32_index(ends, f"{name}_ends")
+        sides.append((ends, checks.int32_index(lengths, f"{name}_lengths"), left))
     (se, sl, sleft), (te, tl, tleft) = sides
     chunks, counts, dropped = torch.ops.xtoken.align_spans(se, sl, sleft, te, tl, tleft)
     return SpanAlignment(chunks, counts, dropped, inputs=tuple(sides))
@@ -598,6 +602,24 @@ def _pad(encoded: TokenSpans, pad_token_id: int, left: bool) -> _Padded:
     )
 
 
+def _max_length(max_length) -> int | None:
+    return None if max_length is None else checks.count(max_length, "max_length", minimum=1)
+
+
+def example_texts(examples: Sequence, text_key: str) -> list[str]:
+    """The texts of a batch of examples, each a text or a mapping holding one under ``text_key``."""
+    texts = []
+    for i, example in enumerate(examples):
+        text = example if isinstance(example, str) else example.get(text_key) if hasattr(example, "get") else None
+        if not isinstance(text, str):
+            raise TypeError(
+                f"example {i}: expected a text or a mapping with a {text_key!r} text, got {type(example).__name__}"
+                + (f" with keys {sorted(map(str, example))}" if hasattr(example, "keys") else "")
+            )
+        texts.append(text)
+    return texts
+
+
 def align_texts(
     texts: Sequence[str],
     student_tokenizer,
@@ -622,10 +644,10 @@ def align_texts(
     Returns:
         An :class:`AlignedBatch` (on the CPU).
     """
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise TypeError("texts: expected a sequence of str")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-        raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
+    texts = checks.texts(texts)
+    max_length = _max_length(max_length)
+    if not isinstance(add_special_tokens, (bool, np.bool_)):
+        raise TypeError(f"add_special_tokens: expected a bool, got {type(add_special_tokens).__name__}")
     left = _padding_side(padding_side, "padding_side")
     padded = []
     for tokenizer in (as_span_tokenizer(student_tokenizer), as_span_tokenizer(teacher_tokenizer)):
@@ -673,13 +695,13 @@ class AlignedCollator:
         _padding_side(padding_side, "padding_side")
         self.student = as_span_tokenizer(student_tokenizer)
         self.teacher = as_span_tokenizer(teacher_tokenizer)
-        self.max_length = max_length
+        self.max_length = _max_length(max_length)
         self.add_special_tokens = add_special_tokens
         self.padding_side = padding_side
         self.text_key = text_key
 
     def __call__(self, examples: Sequence) -> AlignedBatch:
-        texts = [e if isinstance(e, str) else e[self.text_key] for e in examples]
+        texts = example_texts(examples, self.text_key)
         return align_texts(
             texts, self.student, self.teacher, max_length=self.max_length,
             add_special_tokens=self.add_special_tokens, padding_side=self.padding_side,

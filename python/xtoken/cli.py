@@ -1,11 +1,90 @@
-"""The ``xtoken`` command line. Each command adds its parser in an ``_add_<command>`` function."""
+"""The ``xtoken`` command line. Each command adds its parser in an ``_add_<command>`` function.
+
+User errors (a bad flag value, a missing or malformed file, a wrong tokenizer) are reported by :func:`main` in
+one line naming the flag, file or line, with exit status 2, never as a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 __all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors take one line (the usage itself is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    """argparse type: a temperature the kernels accept (xtoken.checks.temperature)."""
+    from .checks import temperature
+
+    try:
+        return temperature(float(text))
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("temperature: ")) from None
+
+
+def _tokenizer_arg(value: str, flag: str, pattern: str | None = None):
+    """The tokenizer a flag names, with any failure reported against the flag."""
+    from .tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(value, pattern=pattern)
+    except (ValueError, OSError, ImportError, TypeError) as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def _check_new_file(path: str, flag: str, force: bool) -> None:
+    """Before any long work: ``path`` can be written, and an existing file is replaced only with --force."""
+    import os
+
+    from .projection import check_output_path
+
+    try:
+        check_output_path(path)
+    except OSError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    if os.path.exists(path) and not force:
+        raise ValueError(f"{flag}: {path} exists; pass --force to overwrite it")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -46,44 +125,46 @@ def _add_projection(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--student", required=True, help=tokenizer_help.format("student"))
     build.add_argument("--teacher", required=True, help=tokenizer_help.format("teacher"))
     build.add_argument("-o", "--output", required=True, help="the safetensors file to write")
+    build.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     build.add_argument("--student-pattern", help="split regex of a tiktoken student rank file")
     build.add_argument("--teacher-pattern", help="split regex of a tiktoken teacher rank file")
     build.add_argument(
-        "--student-vocab-size", type=int, help="student logit width (default: the tokenizer's size)"
+        "--student-vocab-size", type=_positive_int, help="student logit width (default: the tokenizer's size)"
     )
     build.add_argument(
-        "--teacher-vocab-size", type=int, help="teacher logit width (default: the tokenizer's size)"
+        "--teacher-vocab-size", type=_positive_int, help="teacher logit width (default: the tokenizer's size)"
     )
-    build.add_argument("--top-k", type=int, default=4, help="teacher tokens kept per row (default 4)")
+    build.add_argument("--top-k", type=_positive_int, default=4, help="teacher tokens kept per row (default 4)")
     build.add_argument(
-        "--beta", type=float, default=0.9, help="weight of the first decomposition piece (default 0.9)"
+        "--beta", type=_positive_float, default=0.9, help="weight of the first decomposition piece (default 0.9)"
     )
     build.add_argument("--gamma", type=float, default=0.1, help="decay per further piece (default 0.1)")
     build.add_argument(
-        "--max-pieces", type=int, default=4, help="decomposition pieces that count (default 4)"
+        "--max-pieces", type=_positive_int, default=4, help="decomposition pieces that count (default 4)"
     )
-    build.set_defaults(func=_clean_errors(_run_projection_build))
+    build.set_defaults(func=_run_projection_build)
 
     audit = actions.add_parser("audit", help="print the coverage table of a saved W and the recommended loss")
     audit.add_argument("path", help="a W saved by `xtoken projection build`")
     audit.add_argument("--threshold", type=float, default=0.6, help="relaxed-pair threshold (default 0.6)")
-    audit.set_defaults(func=_clean_errors(_run_projection_audit))
+    audit.set_defaults(func=_run_projection_audit)
 
     show = actions.add_parser("show", help="print a student token's row of W")
     show.add_argument("path", help="a W saved by `xtoken projection build`")
     show.add_argument("token", help="the student token's text (e.g. 201, ' the') or, with --id, its id")
     show.add_argument("--id", action="store_true", help="TOKEN is a student token id")
-    show.set_defaults(func=_clean_errors(_run_projection_show))
+    show.set_defaults(func=_run_projection_show)
 
 
 def _clean_errors(run):
-    """``run`` with bad input (a missing file, a wrong tokenizer, a missing package) reported in one line."""
+    """``run`` with bad input (a missing file, a wrong tokenizer, a missing package) reported in one line.
+    :func:`main` applies it to every command."""
 
     def run_reporting_errors(args: argparse.Namespace) -> int:
         try:
             return run(args)
         except (ValueError, OSError, ImportError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)
             return 2
 
     return run_reporting_errors
@@ -93,11 +174,11 @@ def _run_projection_build(args: argparse.Namespace) -> int:
     import time
 
     from .projection import Projection
-    from .tokenizer import load_tokenizer
 
+    _check_new_file(args.output, "--output", args.force)
     start = time.perf_counter()
-    student = load_tokenizer(args.student, pattern=args.student_pattern)
-    teacher = load_tokenizer(args.teacher, pattern=args.teacher_pattern)
+    student = _tokenizer_arg(args.student, "--student", args.student_pattern)
+    teacher = _tokenizer_arg(args.teacher, "--teacher", args.teacher_pattern)
     projection = Projection.build(
         student, teacher, top_k=args.top_k, beta=args.beta, gamma=args.gamma, max_pieces=args.max_pieces,
         student_vocab_size=args.student_vocab_size, teacher_vocab_size=args.teacher_vocab_size, progress=True,
@@ -159,7 +240,7 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="*", help="the text(s) to align")
     p.add_argument("--student", required=True, help="llama3.2, qwen, qwen3.6, a tokenizer.json or a folder holding one")
     p.add_argument("--teacher", required=True, help="as --student")
-    p.add_argument("--max-length", type=int, default=None, help="keep at most this many tokens per side")
+    p.add_argument("--max-length", type=_positive_int, default=None, help="keep at most this many tokens per side")
     p.add_argument("--no-special-tokens", action="store_true", help="do not add BOS/EOS")
     p.add_argument(
         "--chat", metavar="JSON",
@@ -205,13 +286,15 @@ def _print_chunk_rows(rows: list[tuple[int, str, str, str]]) -> None:
 
 def _run_align(args: argparse.Namespace) -> int:
     from .align import align_texts, as_span_tokenizer
+    from .checks import texts
 
     if args.chat:
         return _run_align_chat(args)
     if not args.text:
         raise ValueError("give the text(s) to align, or --chat with a JSON file of conversations")
-    student = as_span_tokenizer(args.student)
-    teacher = as_span_tokenizer(args.teacher)
+    args.text = texts(args.text, "text")
+    student = as_span_tokenizer(_tokenizer_arg(args.student, "--student"))
+    teacher = as_span_tokenizer(_tokenizer_arg(args.teacher, "--teacher"))
     batch = align_texts(args.text, student, teacher, max_length=args.max_length,
                         add_special_tokens=not args.no_special_tokens)
 
@@ -272,7 +355,7 @@ def _run_align_chat(args: argparse.Namespace) -> int:
     sides = []
     for flag, spec, template in (("--student", args.student, args.student_template),
                                  ("--teacher", args.teacher, args.teacher_template)):  # fmt: skip
-        sides.append((load_tokenizer(spec), _chat_template(spec, template, f"{flag}-template")))
+        sides.append((_tokenizer_arg(spec, flag), _chat_template(spec, template, f"{flag}-template")))
     (student, student_template), (teacher, teacher_template) = sides
     batch = align_conversations(
         conversations, student, teacher, student_template=student_template, teacher_template=teacher_template,
@@ -326,20 +409,22 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--output", required=True, help="folder for checkpoints, W and the trained student")
     p.add_argument("--text-key", default="text", help="the field holding the text (default: text)")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens kept per text and side (default 1024)")
-    p.add_argument("--batch-size", type=int, default=8, help="texts per device and step (default 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    p.add_argument("--max-length", type=_positive_int, default=1024,
+                   help="tokens kept per text and side (default 1024)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="texts per device and step (default 8)")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps (default 1)")
+    p.add_argument("--lr", type=_positive_float, default=5e-5, help="peak learning rate (default 5e-5)")
+    p.add_argument("--epochs", type=_positive_float, default=1.0, help="passes over the data (default 1)")
     p.add_argument("--steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
-    p.add_argument("--save-steps", type=int, default=500, help="save a checkpoint every N steps (default 500)")
-    p.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
+    p.add_argument("--warmup-steps", type=_nonnegative_int, default=0, help="linear warm-up steps (default 0)")
+    p.add_argument("--save-steps", type=_positive_int, default=500,
+                   help="save a checkpoint every N steps (default 500)")
+    p.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N steps (default 10)")
     p.add_argument(
         "--kd-scaling", default="dynamic", metavar="dynamic|W_CE,W_KD",
         help="dynamic scaling (default) or fixed weights of CE and the summed KD, e.g. 0.1,1",
     )  # fmt: skip
-    p.add_argument("--temperature", type=float, default=1.0, help="KD temperature (default 1)")
+    p.add_argument("--temperature", type=_temperature, default=1.0, help="KD temperature (default 1)")
     p.add_argument("--merge", default="first", choices=["first", "mean", "bayes"], help="chunk pooling (default first)")
     p.add_argument(
         "--teacher-dtype", default="model", choices=["model", "float32", "bfloat16"],
@@ -354,7 +439,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampling-temperature", type=float, default=1.0, help="on-policy: sampling temperature (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    p.set_defaults(func=_clean_errors(_run_distill))
+    p.set_defaults(func=_run_distill)
 
 
 def _parse_teacher(spec: str) -> tuple[str, float, str]:
@@ -401,8 +486,16 @@ def _read_texts(path: str, key: str) -> list:
     import json
 
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -419,6 +512,50 @@ def _read_texts(path: str, key: str) -> list:
     if not texts:
         raise ValueError(f"{path}: no texts")
     return texts
+
+
+def _check_checkpoint(folder: str) -> None:
+    """Refuse (before any training) to resume from a checkpoint that is incomplete, truncated or garbled, or
+    whose weights are not all finite: training on would overwrite the final model."""
+    import json
+    import os
+    import zipfile
+
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    state_path = os.path.join(folder, "trainer_state.json")
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--resume: {state_path} is missing (an incomplete checkpoint)") from None
+    except ValueError as e:  # invalid UTF-8 or JSON
+        raise ValueError(f"--resume: {state_path}: not valid JSON ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise ValueError(f"--resume: {state_path}: expected a trainer state with an integer global_step")
+    names = sorted(os.listdir(folder))
+    weights = [os.path.join(folder, n) for n in names if n.endswith(".safetensors")]
+    if not weights:
+        raise ValueError(f"--resume: {folder} holds no model weights (*.safetensors)")
+    for path in weights:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        raise ValueError(f"--resume: {path}: the weight {name} holds NaN or inf; resume from an "
+                                         "earlier checkpoint")
+        except SafetensorError as e:
+            raise ValueError(f"--resume: {path}: truncated or not a safetensors file ({e})") from None
+    for path in (os.path.join(folder, n) for n in names if n.endswith((".pt", ".pth", ".bin"))):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                broken = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"--resume: {path}: truncated or unreadable ({e})") from None
+        if broken is not None:
+            raise ValueError(f"--resume: {path}: damaged (entry {broken} fails its checksum)")
 
 
 def _load_causal_lm(folder: str, what: str):
@@ -463,9 +600,13 @@ def _run_distill(args: argparse.Namespace) -> int:
     kd_scaling = _kd_scaling(args.kd_scaling)
     texts = _read_texts(args.data, args.text_key)
     output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output: {output} is a file; give a folder")
     last = get_last_checkpoint(str(output)) if output.is_dir() else None
     if args.resume and last is None:
         raise ValueError(f"--resume: no checkpoint in {output}")
+    if args.resume:
+        _check_checkpoint(last)
     if not args.resume and last is not None:
         raise ValueError(f"{output} holds checkpoints ({os.path.basename(last)}); pass --resume to continue from "
                          "the last one, or choose another --output")
@@ -525,7 +666,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=None,
         help="students trained at once, one process and one thread each (default: up to 2, by CPU count)",
     )  # fmt: skip
-    p.set_defaults(func=_clean_errors(_run_demo))
+    p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -540,7 +681,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xtoken", description="cross-tokenizer knowledge distillation")
+    parser = _Parser(prog="xtoken", description="cross-tokenizer knowledge distillation")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_distill, _add_bench, _add_projection, _add_align):
         add(sub)
@@ -548,8 +689,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already reported in one line
+        return e.code
+    return _clean_errors(args.func)(args)
 
 
 if __name__ == "__main__":

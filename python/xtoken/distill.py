@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from . import losses
-from .align import CHUNK_SHAPES, AlignStats, _pad, align_spans, as_span_tokenizer
+from . import checks
+from .align import CHUNK_SHAPES, AlignStats, _max_length, _pad, align_spans, as_span_tokenizer, example_texts
 from .chat import (
     ChatTemplate,
     Conversation,
@@ -376,8 +377,7 @@ class DistillationCollator:
         student_chat_template: Any = None,
         train_on: str = "assistant",
     ) -> None:
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-            raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
+        max_length = _max_length(max_length)
         _check_train_on(train_on)
         self.student = as_span_tokenizer(student_tokenizer)
         tokenizers = [t.tokenizer if isinstance(t, Teacher) else t for t in teacher_tokenizers]
@@ -397,16 +397,7 @@ class DistillationCollator:
                 self.teacher_templates.append(ChatTemplate(own, template))
 
     def _texts(self, examples: Sequence) -> list[str]:
-        texts = []
-        for i, example in enumerate(examples):
-            text = example if isinstance(example, str) else example.get(self.text_key) if hasattr(example, "get") else None
-            if not isinstance(text, str):
-                raise TypeError(
-                    f"example {i}: expected a text or a mapping with a {self.text_key!r} text, got "
-                    f"{type(example).__name__}"
-                )
-            texts.append(text)
-        return texts
+        return checks.texts(example_texts(examples, self.text_key), "examples")
 
     def _encode(self, tokenizer, texts: list[str]):
         encoded = tokenizer.encode_spans(texts, add_special_tokens=self.add_special_tokens, max_length=self.max_length)

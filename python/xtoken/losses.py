@@ -3,10 +3,9 @@ cannot (Python-level types and names), calls the fused op, and reduces as SPEC.m
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from . import checks
 from . import ops as _ops  # noqa: F401  (registers fakes and autograd)
 from .pieces import PieceTables
 from .projection import Projection
@@ -16,83 +15,73 @@ __all__ = ["pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "chain_lo
 
 
 def _rows(logits: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(logits).__name__}")
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"{name}: expected [N, V] or [B, T, V] logits, got shape {tuple(logits.shape)}")
-    return logits.reshape(-1, logits.shape[-1])
+    return checks.logit_rows(logits, name)
+
+
+def _logits(student_logits, teacher_logits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both logits as rows, checked to be on one device (before W or a table is moved to the student's)."""
+    zs = _rows(student_logits, "student_logits")
+    zt = _rows(teacher_logits, "teacher_logits")
+    checks.same_device({"student_logits": zs, "teacher_logits": zt})
+    return zs, zt
 
 
 def _chunk_table(chunks, device: torch.device) -> torch.Tensor:
-    chunks = torch.as_tensor(chunks, device=device)
-    if chunks.dtype.is_floating_point or chunks.dtype == torch.bool:
-        raise TypeError(f"chunks: expected an integer [K, 4] table, got {chunks.dtype}")
-    if chunks.numel() == 0:
-        chunks = chunks.reshape(0, 4)
-    if chunks.dtype != torch.int32:
-        chunks = chunks.to(torch.int32)
-    return chunks
+    return checks.index_table(chunks, "chunks", 4, device, "(s0, s1, t0, t1)")
 
 
 def _targets(targets, name: str, device: torch.device) -> torch.Tensor | None:
-    if targets is None:
-        return None
-    return torch.as_tensor(targets, device=device).reshape(-1).to(torch.int64)
+    return checks.targets(targets, name, device)
 
 
-def _check_options(temperature: float, merge, reduction: str) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+def _check_options(temperature: float, merge, reduction: str) -> float:
+    """Checks the options every loss shares (``merge`` a name or a (student, teacher) pair); returns the
+    temperature as a float."""
+    tau = checks.temperature(temperature)
     merge_pair(merge)
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    return tau
 
 
-def _check_hybrid_options(matched: str, beta: float, uld_topk: int | None, weights) -> None:
-    if matched not in MATCHED:
+def _check_hybrid_options(matched: str, beta: float, uld_topk: int | None, weights):
+    """Checks the hybrid options; returns (beta, uld_topk, weights) as the op and the reduction take them."""
+    if not isinstance(matched, str) or matched not in MATCHED:
         raise ValueError(f"matched: expected one of {MATCHED}, got {matched!r}")
-    if not (isinstance(beta, (int, float)) and 0 <= beta <= 1):
+    beta = checks.real(beta, "beta")
+    if not 0 <= beta <= 1:
         raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
-    if uld_topk is not None and (isinstance(uld_topk, bool) or not isinstance(uld_topk, int) or uld_topk < 1):
-        raise ValueError(f"uld_topk: expected None or an int >= 1, got {uld_topk!r}")
+    if uld_topk is not None:
+        uld_topk = checks.count(uld_topk, "uld_topk", minimum=1)
     if isinstance(weights, str):
         if weights != "adaptive":
             raise ValueError(f"weights: expected 'adaptive' or a pair (w_c, w_u), got {weights!r}")
-        return
-    try:
-        w_c, w_u = (float(w) for w in weights)
-    except (TypeError, ValueError):
-        raise ValueError(f"weights: expected 'adaptive' or a pair of numbers (w_c, w_u), got {weights!r}") from None
-    if not (math.isfinite(w_c) and math.isfinite(w_u)):
-        raise ValueError(f"weights: expected finite numbers, got {weights!r}")
+        return beta, uld_topk, weights
+    if isinstance(weights, torch.Tensor) or not hasattr(weights, "__len__") or len(weights) != 2:
+        raise ValueError(f"weights: expected 'adaptive' or a pair of numbers (w_c, w_u), got {weights!r}")
+    w_c, w_u = (checks.real(w, f"weights[{i}]", minimum=0) for i, w in enumerate(weights))
+    return beta, uld_topk, (w_c, w_u)
 
 
 def _pair_table(pairs, device: torch.device, kind: str) -> torch.Tensor:
     """``pairs`` as the int32 ``[C, 2]`` table the op takes; a Projection gives its ``kind`` common pairs."""
     if isinstance(pairs, Projection):
         pairs = pairs.common_pairs(kind)
-    pairs = torch.as_tensor(pairs, device=device)
-    if pairs.dtype.is_floating_point or pairs.dtype == torch.bool:
-        raise TypeError(f"pairs: expected an integer [C, 2] table of (student id, teacher id), got {pairs.dtype}")
-    if pairs.numel() == 0:
-        pairs = pairs.reshape(0, 2)
-    return pairs.to(torch.int32)
+    return checks.index_table(pairs, "pairs", 2, device, "of (student id, teacher id)")
 
 
 def _hybrid_loss(student_logits, teacher_logits, chunks, pairs, *, temperature, merge, matched, beta, uld_topk,
                  weights, reduction, student_targets, teacher_targets) -> torch.Tensor:
-    _check_options(temperature, merge, reduction)
-    _check_hybrid_options(matched, beta, uld_topk, weights)
-    zs = _rows(student_logits, "student_logits")
-    zt = _rows(teacher_logits, "teacher_logits")
+    tau = _check_options(temperature, merge, reduction)
+    beta, uld_topk, weights = _check_hybrid_options(matched, beta, uld_topk, weights)
+    zs, zt = _logits(student_logits, teacher_logits)
     terms, _, _ = torch.ops.xtoken.hybrid_loss_fwd(
-        zs, zt, _chunk_table(chunks, zs.device), pairs, float(temperature), *merge_pair(merge), matched, float(beta),
-        uld_topk,
+        zs, zt, _chunk_table(chunks, zs.device), pairs, tau, *merge_pair(merge), matched, beta, uld_topk,
         _targets(student_targets, "student_targets", zs.device),
         _targets(teacher_targets, "teacher_targets", zs.device),
     )  # fmt: skip
     w_c, w_u = hybrid_weights(weights, pairs.shape[0], zt.shape[1])
-    return reduce(w_c * terms[:, 0] + w_u * terms[:, 1], temperature, reduction)
+    return reduce(w_c * terms[:, 0] + w_u * terms[:, 1], tau, reduction)
 
 
 _HYBRID_ARGS = """
@@ -229,15 +218,14 @@ def kd_loss(
 
     Equivalent to :func:`xtoken.reference.kd_loss`.
     """
-    _check_options(temperature, merge, reduction)
-    zs = _rows(student_logits, "student_logits")
-    zt = _rows(teacher_logits, "teacher_logits")
+    tau = _check_options(temperature, merge, reduction)
+    zs, zt = _logits(student_logits, teacher_logits)
     losses, _, _ = torch.ops.xtoken.kd_loss_fwd(
-        zs, zt, _chunk_table(chunks, zs.device), float(temperature), *merge_pair(merge),
+        zs, zt, _chunk_table(chunks, zs.device), tau, *merge_pair(merge),
         _targets(student_targets, "student_targets", zs.device),
         _targets(teacher_targets, "teacher_targets", zs.device),
     )  # fmt: skip
-    return reduce(losses, temperature, reduction)
+    return reduce(losses, tau, reduction)
 
 
 def pkl_loss(
@@ -279,16 +267,15 @@ def pkl_loss(
 
     Equivalent to :func:`xtoken.reference.pkl_loss`.
     """
-    _check_options(temperature, merge, reduction)
-    zs = _rows(student_logits, "student_logits")
-    zt = _rows(teacher_logits, "teacher_logits")
+    tau = _check_options(temperature, merge, reduction)
+    zs, zt = _logits(student_logits, teacher_logits)
     table = _chunk_table(chunks, zs.device)
     losses, _, _ = torch.ops.xtoken.pkl_loss_fwd(
-        zs, zt, table, *_projection_args(projection, zs.device, zt.shape[1]), float(temperature), *merge_pair(merge),
+        zs, zt, table, *_projection_args(projection, zs.device, zt.shape[1]), tau, *merge_pair(merge),
         _targets(student_targets, "student_targets", zs.device),
         _targets(teacher_targets, "teacher_targets", zs.device),
     )  # fmt: skip
-    return reduce(losses, temperature, reduction)
+    return reduce(losses, tau, reduction)
 
 
 def chain_loss(
@@ -332,22 +319,21 @@ def chain_loss(
 
     Equivalent to :func:`xtoken.reference.chain_loss`.
     """
-    _check_options(temperature, merge, reduction)
+    tau = _check_options(temperature, merge, reduction)
     if merge != "first":
         raise ValueError(f"merge: the chain loss reads every row of a chunk itself; expected 'first', got {merge!r}")
     if not isinstance(pieces, PieceTables):
         raise TypeError(f"pieces: expected an xtoken.PieceTables, got {type(pieces).__name__}")
     if student_targets is None or teacher_targets is None:
         raise ValueError("chain_loss needs student_targets and teacher_targets (the realized pieces it conditions on)")
-    zs = _rows(student_logits, "student_logits")
-    zt = _rows(teacher_logits, "teacher_logits")
+    zs, zt = _logits(student_logits, teacher_logits)
     tables = pieces.to(zs.device)
     losses, _, _ = torch.ops.xtoken.chain_loss_fwd(
-        zs, zt, _chunk_table(chunks, zs.device), *tables.kernel_args(zs.shape[1], zt.shape[1]), float(temperature),
+        zs, zt, _chunk_table(chunks, zs.device), *tables.kernel_args(zs.shape[1], zt.shape[1]), tau,
         _targets(student_targets, "student_targets", zs.device),
         _targets(teacher_targets, "teacher_targets", zs.device),
     )  # fmt: skip
-    return reduce(losses, temperature, reduction)
+    return reduce(losses, tau, reduction)
 
 
 def pkl_chain_loss(
@@ -407,6 +393,8 @@ def project(probs: torch.Tensor, projection: Projection) -> torch.Tensor:
     """
     if not isinstance(projection, Projection):
         raise TypeError(f"projection: expected an xtoken.Projection, got {type(projection).__name__}")
+    if not isinstance(probs, torch.Tensor) or probs.dim() == 0:
+        raise TypeError(f"probs: expected a [..., V_s] tensor, got {type(probs).__name__}")
     W = projection.to(probs.device)
     rows = probs.reshape(-1, probs.shape[-1])
     out = torch.ops.xtoken.project_fwd(rows, *W.kernel_args(W.teacher_vocab_size))

@@ -170,17 +170,37 @@ class PKLLoss(_ChecksOnce):
             self.learned = projection
             return
         self.learned = None
-        self.register_buffer("proj_idx", projection.idx)
-        self.register_buffer("proj_val", projection.val)
+        # The module's own copies: loading a state dict into it never edits the caller's W.
+        self.register_buffer("proj_idx", projection.idx.clone())
+        self.register_buffer("proj_val", projection.val.clone())
         self._projection = projection
+        self._source = self._buffer_state()
+
+    def _buffer_state(self) -> tuple:
+        return (self.proj_idx, self.proj_val, self.proj_idx._version, self.proj_val._version)
 
     def projection(self):
-        """The module's W on the device of its buffers (or its :class:`LearnedProjection`)."""
+        """The module's W on the device of its buffers (or its :class:`LearnedProjection`), rebuilt (and so
+        validated) whenever the buffers were replaced (``.to()``) or edited in place (``load_state_dict``)."""
         if self.learned is not None:
             return self.learned
-        if self._projection.idx is not self.proj_idx or self._projection.val is not self.proj_val:
-            self._projection = Projection(self.proj_idx, self.proj_val, teacher_vocab_size=self.teacher_vocab_size)
+        state = self._buffer_state()
+        if any(a is not b for a, b in zip(state[:2], self._source[:2])) or state[2:] != self._source[2:]:
+            self._projection = Projection(self.proj_idx, self.proj_val, teacher_vocab_size=self.teacher_vocab_size,
+                                          metadata=self._projection.metadata,
+                                          vocabularies=self._projection.vocabularies)
+            self._source = state
         return self._projection
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Validate W before it replaces the buffers: a W whose rows do not sum to 1 is refused, not trained on.
+        idx, val = state_dict.get(prefix + "proj_idx"), state_dict.get(prefix + "proj_val")
+        if idx is not None and val is not None:
+            try:
+                Projection(idx, val, teacher_vocab_size=self.teacher_vocab_size)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{prefix}proj_idx/{prefix}proj_val: the state dict holds an invalid W: {e}") from None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self,
@@ -211,14 +231,14 @@ class _HybridLoss(_ChecksOnce):
                  beta: float = 0.5, uld_topk: int | None = 8192, weights="adaptive", reduction: str = "mean") -> None:
         super().__init__()
         losses._check_options(temperature, merge, reduction)
-        losses._check_hybrid_options(matched, beta, uld_topk, weights)
-        self.register_buffer("pairs", losses._pair_table(pairs, torch.device("cpu"), self._pair_kind).contiguous())
+        beta, uld_topk, weights = losses._check_hybrid_options(matched, beta, uld_topk, weights)
+        self.register_buffer("pairs", losses._pair_table(pairs, torch.device("cpu"), self._pair_kind).clone())
         self.temperature = temperature
         self.merge = merge
         self.matched = matched
         self.beta = beta
         self.uld_topk = uld_topk
-        self.weights = weights if isinstance(weights, str) else tuple(float(w) for w in weights)
+        self.weights = weights
         self.reduction = reduction
 
     def forward(

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
-from . import _C  # loads the library; its static initializers register the ops
+from . import _C  # noqa: F401  (loads the library; its static initializers register the ops)
+from . import checks
 
 __all__ = [
     "built_with_cuda", "cuda_kernels_registered", "cuda_architectures", "OP_NAMES", "content_check_mode",
@@ -80,6 +81,41 @@ def content_checks_skipped() -> bool:
     return _C.skip_content_checks() and content_check_mode() != "always"
 
 
+def _fake(op: str):
+    """``register_fake`` for ``xtoken::op``, with the check every real kernel makes first: all tensor arguments
+    on one device. The dispatcher runs the fake kernel whenever any argument is a meta tensor, so without
+    it a meta tensor mixed with real ones would give an uninitialized result instead of an error."""
+    names = [a.name for a in getattr(torch.ops.xtoken, op).default._schema.arguments]
+
+    def register(shapes):
+        def fake(*args, **kwargs):
+            values = {**dict(zip(names, args)), **kwargs}
+            checks.same_device({n: v for n, v in values.items() if isinstance(v, torch.Tensor)}, op)
+            return shapes(*args, **kwargs)
+
+        torch.library.register_fake(f"xtoken::{op}", fake)
+        return shapes
+
+    return register
+
+
+def _no_double_backward(op: str) -> None:
+    """An autograd formula for the backward op ``xtoken::op`` that raises: differentiating a loss's gradient
+    (``create_graph=True``, then a backward through the gradient: a gradient penalty, a Hessian-vector
+    product) would otherwise silently drop the second-order term."""
+    loss = op.removesuffix("_bwd")
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"xtoken::{op}: double backward is not supported: the fused {loss} has no formula for the gradient "
+            "of its gradient, so a second-order term (gradient penalty, Hessian-vector product) through it would "
+            f"be wrong. Use xtoken.reference.{loss} (plain PyTorch, float64) for second-order terms, or detach "
+            "the loss from the part that is differentiated twice"
+        )
+
+    torch.library.register_autograd(f"xtoken::{op}", backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -97,12 +133,12 @@ def _chunk_loss_fakes(student_logits, teacher_logits, loss_shape):
 # project: q = W^T p
 
 
-@torch.library.register_fake("xtoken::project_fwd")
+@_fake("project_fwd")
 def _project_fwd_fake(probs, proj_idx, proj_val, proj_col_ptr, proj_col_src, proj_col_val):
     return probs.new_empty((probs.shape[0], proj_col_ptr.shape[0] - 1))
 
 
-@torch.library.register_fake("xtoken::project_bwd")
+@_fake("project_bwd")
 def _project_bwd_fake(grad_q, proj_idx, proj_val, proj_col_ptr, proj_col_src, proj_col_val):
     return grad_q.new_empty((grad_q.shape[0], proj_idx.shape[0]))
 
@@ -137,7 +173,7 @@ torch.library.register_autograd("xtoken::project_bwd", _project_bwd_backward, se
 # pkl_loss: per-chunk P-KL, gradient into the student logits and, for a learned W, into W's values
 
 
-@torch.library.register_fake("xtoken::pkl_loss_fwd")
+@_fake("pkl_loss_fwd")
 def _pkl_fwd_fake(
     student_logits,
     teacher_logits,
@@ -156,7 +192,7 @@ def _pkl_fwd_fake(
     return _chunk_loss_fakes(student_logits, teacher_logits, (chunks.shape[0],))
 
 
-@torch.library.register_fake("xtoken::pkl_loss_bwd")
+@_fake("pkl_loss_bwd")
 def _pkl_bwd_fake(grad_losses, student_logits, teacher_logits, chunks, proj_idx, proj_val, *args):
     proj_val_grad = args[-1]
     return (
@@ -185,19 +221,20 @@ def _pkl_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
 
 
 torch.library.register_autograd("xtoken::pkl_loss_fwd", _pkl_backward, setup_context=_pkl_setup)
+_no_double_backward("pkl_loss_bwd")
 
 
 # ---------------------------------------------------------------------------------------------
 # hybrid_loss: per-chunk (matched, sorted-L1) terms, gradient into the student logits only
 
 
-@torch.library.register_fake("xtoken::hybrid_loss_fwd")
+@_fake("hybrid_loss_fwd")
 def _hybrid_fwd_fake(student_logits, teacher_logits, chunks, pairs, temperature, student_merge, teacher_merge, matched,
                      beta, uld_topk, student_targets, teacher_targets):
     return _chunk_loss_fakes(student_logits, teacher_logits, (chunks.shape[0], 2))
 
 
-@torch.library.register_fake("xtoken::hybrid_loss_bwd")
+@_fake("hybrid_loss_bwd")
 def _hybrid_bwd_fake(grad_losses, student_logits, *args):
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
@@ -219,19 +256,20 @@ def _hybrid_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
 
 
 torch.library.register_autograd("xtoken::hybrid_loss_fwd", _hybrid_backward, setup_context=_hybrid_setup)
+_no_double_backward("hybrid_loss_bwd")
 
 
 # ---------------------------------------------------------------------------------------------
 # kd_loss: per-chunk same-vocabulary KL, gradient into the student logits only
 
 
-@torch.library.register_fake("xtoken::kd_loss_fwd")
+@_fake("kd_loss_fwd")
 def _kd_fwd_fake(student_logits, teacher_logits, chunks, temperature, student_merge, teacher_merge, student_targets,
                  teacher_targets):
     return _chunk_loss_fakes(student_logits, teacher_logits, (chunks.shape[0],))
 
 
-@torch.library.register_fake("xtoken::kd_loss_bwd")
+@_fake("kd_loss_bwd")
 def _kd_bwd_fake(grad_losses, student_logits, *args):
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
@@ -252,19 +290,20 @@ def _kd_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
 
 
 torch.library.register_autograd("xtoken::kd_loss_fwd", _kd_backward, setup_context=_kd_setup)
+_no_double_backward("kd_loss_bwd")
 
 
 # ---------------------------------------------------------------------------------------------
 # chain_loss: per-chunk chain KL, gradient into the student logits only
 
 
-@torch.library.register_fake("xtoken::chain_loss_fwd")
+@_fake("chain_loss_fwd")
 def _chain_fwd_fake(student_logits, teacher_logits, chunks, student_pieces, student_order, teacher_pieces,
                     teacher_order, temperature, student_targets, teacher_targets):
     return _chunk_loss_fakes(student_logits, teacher_logits, (chunks.shape[0],))
 
 
-@torch.library.register_fake("xtoken::chain_loss_bwd")
+@_fake("chain_loss_bwd")
 def _chain_bwd_fake(grad_losses, student_logits, *args):
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
@@ -285,13 +324,14 @@ def _chain_backward(ctx, grad_losses, _grad_lse_s, _grad_lse_t):
 
 
 torch.library.register_autograd("xtoken::chain_loss_fwd", _chain_backward, setup_context=_chain_setup)
+_no_double_backward("chain_loss_bwd")
 
 
 # ---------------------------------------------------------------------------------------------
 # align_spans: chunk tables from token end offsets (integer outputs, no autograd)
 
 
-@torch.library.register_fake("xtoken::align_spans")
+@_fake("align_spans")
 def _align_spans_fake(student_ends, student_lengths, student_left_padded, teacher_ends, teacher_lengths,
                       teacher_left_padded):
     batch = student_ends.shape[0]
