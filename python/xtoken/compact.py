@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .align import HFSpanTokenizer, SpanTokenizer, TokenSpans
 from .pieces import PieceTables
 from .projection import (
     Projection, TokenTable, _decompose, _lowest_id_by_bytes, _pair_tensor, _quote, _role_matches,
@@ -35,12 +36,14 @@ from .tokenizer import TokenizerAdapter, load_tokenizer
 __all__ = ["CompactTokenizer", "compact_vocabularies", "restrict_piece_tables", "restrict_projection", "spellings"]
 
 
-class CompactTokenizer(TokenizerAdapter):
+class CompactTokenizer(TokenizerAdapter, SpanTokenizer):
     """``base`` restricted to the ids ``ids``, renumbered ``0..K-1`` in ``base``'s id order.
 
     Encoding runs ``base`` and maps its ids; a text that needs a token outside the kept ids raises
     ``ValueError``. :meth:`hf_tokenizer` is ``base``'s Hugging Face form with its ids permuted (the kept ids
-    first, as ``0..K-1``), so batch encoding, offsets and decoding give compact ids directly.
+    first, as ``0..K-1``), so batch encoding, offsets and decoding give compact ids directly. The adapter is
+    also the :class:`xtoken.align.SpanTokenizer` of that form, built once (for a real vocabulary, building
+    it costs seconds, and every collator would build its own).
 
     Args:
         base: the real tokenizer (anything :func:`xtoken.tokenizer.load_tokenizer` takes).
@@ -164,6 +167,20 @@ class CompactTokenizer(TokenizerAdapter):
                 special["ids"] = [int(permutation[i]) for i in special["ids"]]
         elif kind != "ByteLevel":
             raise ValueError(f"{self.base.name}: cannot renumber the special tokens of a {kind} post-processor")
+
+    @cached_property
+    def _spans(self) -> HFSpanTokenizer:
+        return HFSpanTokenizer(self.hf_tokenizer(), pad_token_id=self.roles.get("pad"))
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._spans.pad_token_id
+
+    def encode_spans(self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None) -> TokenSpans:
+        return self._spans.encode_spans(texts, add_special_tokens=add_special_tokens, max_length=max_length)
+
+    def token(self, token_id: int) -> str:
+        return self._spans.token(token_id)
 
     def __repr__(self) -> str:
         return f"CompactTokenizer({self.name!r}, {len(self)} of {len(self.base)} ids, roles={self.roles})"
