@@ -79,7 +79,8 @@ class CompactTokenizer(TokenizerAdapter, SpanTokenizer):
         """``base`` ids -> compact ids; an id outside the kept ones raises ``ValueError`` naming the token."""
         ids = np.asarray(list(ids), dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self._compact.size):
-            raise ValueError(f"ids: {self.base.name} ids lie in [0, {self._compact.size}), got {ids.min()}..{ids.max()}")
+            raise ValueError(f"ids: {self.base.name} ids lie in [0, {self._compact.size}), got "
+                             f"{ids.min()}..{ids.max()}")
         compact = self._compact[ids]
         if ids.size and compact.min() < 0:
             lost = int(ids[np.argmax(compact < 0)])
@@ -176,7 +177,9 @@ class CompactTokenizer(TokenizerAdapter, SpanTokenizer):
     def pad_token_id(self) -> int:
         return self._spans.pad_token_id
 
-    def encode_spans(self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None) -> TokenSpans:
+    def encode_spans(
+        self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None
+    ) -> TokenSpans:
         return self._spans.encode_spans(texts, add_special_tokens=add_special_tokens, max_length=max_length)
 
     def token(self, token_id: int) -> str:
@@ -241,10 +244,14 @@ def _check_bases(student: CompactTokenizer, teacher: CompactTokenizer, metadata:
     for side, compact in (("student", student), ("teacher", teacher)):
         expected = metadata.get(f"{side}_vocab_hash")
         if expected is not None and expected != compact.base.vocab_hash:
-            raise ValueError(f"{what} was not built for {compact.base.name!r}, the {side} compact vocabulary's base")
+            raise ValueError(
+                f"{what} was not built for {compact.base.name!r}, the {side} compact vocabulary's base"
+            )
 
 
-def restrict_projection(projection: Projection, student: CompactTokenizer, teacher: CompactTokenizer) -> Projection:
+def restrict_projection(
+    projection: Projection, student: CompactTokenizer, teacher: CompactTokenizer
+) -> Projection:
     """W of the two base tokenizers restricted to the compact ids: the rows of the kept student tokens, their
     teacher ids renumbered. An entry whose teacher token is not kept is dropped and its row renormalized
     (none on vocabularies from :func:`compact_vocabularies`); ``metadata["dropped_entries"]`` says how many.
@@ -262,11 +269,14 @@ def restrict_projection(projection: Projection, student: CompactTokenizer, teach
     dropped = present & (new_idx < 0)
     val = torch.where(new_idx >= 0, val, 0)
     sums = val.sum(dim=1, keepdim=True)
-    val = torch.where(sums > 0, val / torch.where(sums > 0, sums, 1), 0)
+    renormalized = dropped.any(dim=1, keepdim=True) & (sums > 0)  # other rows keep their weights bit for bit
+    val = torch.where(renormalized, val / torch.where(renormalized, sums, 1), val)
     order = torch.sort((new_idx < 0).to(torch.int8), dim=1, stable=True).indices  # filled slots first, in order
     new_idx, val = new_idx.gather(1, order), val.gather(1, order)
     metadata = {
-        **projection.metadata, **_tokenizer_metadata("student", student), **_tokenizer_metadata("teacher", teacher),
+        **projection.metadata,
+        **_tokenizer_metadata("student", student),
+        **_tokenizer_metadata("teacher", teacher),
         "dropped_entries": str(int(dropped.sum())),
     }  # fmt: skip
     vocabularies = projection.vocabularies
@@ -291,7 +301,9 @@ def _restrict_table(table: TokenTable, ids: np.ndarray) -> TokenTable:
     return TokenTable([table.texts[i] for i in ids], [table.kinds[i] for i in ids])
 
 
-def restrict_piece_tables(tables: PieceTables, student: CompactTokenizer, teacher: CompactTokenizer) -> PieceTables:
+def restrict_piece_tables(
+    tables: PieceTables, student: CompactTokenizer, teacher: CompactTokenizer
+) -> PieceTables:
     """The piece tables of the two base tokenizers restricted to the compact ids (rows of the kept tokens,
     pieces renumbered). A piece outside the other side's kept ids raises ``ValueError``: the compact
     vocabularies are not closed (use :func:`compact_vocabularies`)."""
@@ -301,7 +313,9 @@ def restrict_piece_tables(tables: PieceTables, student: CompactTokenizer, teache
         if table is None:
             return None
         if table.shape[0] < len(rows.base):
-            raise ValueError(f"{side} table: {table.shape[0]} rows do not cover {rows.base.name}'s {len(rows.base)} ids")
+            raise ValueError(
+                f"{side} table: {table.shape[0]} rows do not cover {rows.base.name}'s {len(rows.base)} ids"
+            )
         kept = table.cpu()[torch.from_numpy(rows.ids)].long()
         if kept.numel() and int(kept.max()) >= len(pieces.base):
             raise ValueError(f"{side} table: pieces beyond {pieces.base.name}'s {len(pieces.base)} ids")
