@@ -87,24 +87,33 @@ def main() -> None:
     settings = SETTINGS["default"]
     start = time.perf_counter()
     results = []
-    for seed in args.seeds:
+    for seed in args.seeds:  # the files are rewritten after every seed, so a stopped study keeps what it ran
         print(f"=== seed {seed}")
         results.append(run_demo(settings, seed, methods=args.methods, workers=args.workers, vocab=args.vocab))
-    minutes = (time.perf_counter() - start) / 60
-    table = summarize(results)
-    held_out = settings.test_problems
-    report = (
+        report = _report(results, args, settings, (time.perf_counter() - start) / 60)
+        _write(output / "results.md", report)
+        _write(output / "results.json", json.dumps([asdict(r) for r in results], indent=2))
+        plot_accuracy(results, output / "accuracy.png")
+    print(report)
+
+
+def _report(results: list[DemoResult], args, settings, minutes: float) -> str:
+    seeds = ", ".join(str(r.seed) for r in results)
+    return (
         f"# xtoken demo: reproduction study{'' if args.vocab == 'toy' else ', real vocabularies'}\n\n"
         f"Tokenizers: {VOCABS[args.vocab]}.\n"
-        f"Exact-match accuracy (%) of the greedy answer on {held_out} held-out problems per seed; "
-        f"seeds {', '.join(map(str, args.seeds))}; the demo's default budget ({asdict(settings)}).\n"
+        f"Exact-match accuracy (%) of the greedy answer on {settings.test_problems} held-out problems per seed; "
+        f"seeds {seeds}; the demo's default budget ({asdict(settings)}).\n"
         f"Commit {_commit()}, torch {torch.__version__}, {args.workers} worker(s), {minutes:.0f} min in all.\n\n"
-        f"{table}\n"
+        f"{summarize(results)}\n"
     )
-    (output / "results.md").write_text(report, encoding="utf-8")
-    (output / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2), encoding="utf-8")
-    plot_accuracy(results, output / "accuracy.png")
-    print(report)
+
+
+def _write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file renamed over it)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
 
 
 if __name__ == "__main__":
