@@ -400,7 +400,8 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--teacher", required=True, action="append", metavar="DIR[:WEIGHT[:LOSS]]",
         help="a teacher folder, optionally with its weight alpha (default 1) and loss "
-        "(pkl, hkl, gold, uld, kd, or auto: the coverage audit's choice; default auto); repeat for several",
+        "(pkl, hkl, gold, uld, kd, chain, pkl+chain, or auto: the coverage audit's choice; default auto); repeat "
+        "for several",
     )  # fmt: skip
     p.add_argument(
         "--data", required=True,

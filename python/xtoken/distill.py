@@ -125,9 +125,10 @@ class Teacher:
             built-in name); ``None`` means the student's tokenizer.
         projection: W from the student vocabulary to this teacher's (:meth:`Projection.build`); ``None``
             for a teacher with the student's vocabulary.
-        loss: ``"pkl"``, ``"hkl"``, ``"gold"``, ``"uld"``, ``"kd"`` or ``"auto"``: the coverage audit's
-            recommendation (``"pkl"`` or ``"hkl"``, :meth:`Projection.audit`) when there is a projection,
-            ``"kd"`` when there is none.
+        loss: ``"pkl"``, ``"hkl"``, ``"gold"``, ``"uld"``, ``"kd"``, ``"chain"``, ``"pkl+chain"`` or ``"auto"``:
+            the coverage audit's choice when there is a projection (``"chain"`` where the teacher splits the
+            student's packed numerals, else ``"hkl"``: :attr:`ProjectionAudit.teacher_loss`), ``"kd"`` when there
+            is none.
         weight: alpha_m, the teacher's static weight in ``L_kd_total = sum_m alpha_m L_m``.
         dtype: the dtype the teacher runs in (e.g. ``torch.bfloat16``); ``None`` keeps the model's. Its
             logits are cast to the student logits' dtype for the loss.
@@ -180,8 +181,9 @@ class Teacher:
             raise ValueError(f"Teacher.projection_lr: expected a finite number > 0, got {self.projection_lr!r}")
 
     def resolved_loss(self) -> str:
-        """The loss this teacher uses: ``loss``, or for ``"auto"`` the audit's recommendation (``"kd"``
-        without a projection)."""
+        """The loss this teacher uses: ``loss``, or for ``"auto"`` the coverage audit's choice
+        (:attr:`ProjectionAudit.teacher_loss`: the chain KL where the teacher splits what the student packs,
+        H-KL otherwise; ``"kd"`` without a projection)."""
         if self.loss != "auto":
             return self.loss
         if self.projection is None:
@@ -191,7 +193,7 @@ class Teacher:
                 "Teacher.loss='auto' audits W's coverage, which needs a W built from tokenizers "
                 "(Projection.build or Projection.load of a built W); name the loss instead"
             )
-        return self.projection.audit().recommendation
+        return self.projection.audit().teacher_loss
 
 
 @dataclass(frozen=True)

@@ -895,7 +895,7 @@ class ProjectionAudit:
     Attributes:
         rows: one :class:`AuditRow` per class, in :data:`AUDIT_CLASSES` order.
         threshold: the relaxed-pair threshold used.
-        recommendation: ``"pkl"`` or ``"hkl"``.
+        recommendation: X-Token's choice, ``"pkl"`` or ``"hkl"`` (the paper's rule, SPEC.md §5).
         reason: why, in one sentence.
     """
 
@@ -903,6 +903,14 @@ class ProjectionAudit:
     threshold: float
     recommendation: str
     reason: str
+
+    @property
+    def teacher_loss(self) -> str:
+        """The loss ``xtoken.Teacher(loss="auto")`` trains with: the chain KL (``"chain"``) where the audit
+        recommends P-KL because the teacher spells in pieces what the student packs (most 2- and 3-digit
+        numerals without an exact match), H-KL otherwise. In xtoken's study (README, Demo) the chain KL beat CE
+        only on such a pair, where P-KL and GOLD fell far below it."""
+        return "chain" if self.recommendation == "pkl" else self.recommendation
 
     def __getitem__(self, name: str) -> AuditRow:
         for row in self.rows:
@@ -928,6 +936,9 @@ class ProjectionAudit:
                 + "".join(f"{n:>14,}" for n in (row.tokens, row.exact, row.relaxed, row.mapped))
             )
         lines.append(f"recommendation: {self.recommendation} ({self.reason})")
+        if self.teacher_loss != self.recommendation:
+            lines.append(f"trainer (Teacher(loss='auto')): {self.teacher_loss} (the chain KL teaches the whole "
+                         "spelling of what the teacher splits; see the README's demo study)")
         return "\n".join(lines)
 
 
