@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from xtoken.cli import main
-from xtoken.demo import METHODS, make_problems, train_tokenizers
+from xtoken.demo import DEFAULT_METHODS, METHODS, make_problems, train_tokenizers
 
 
 def _operands(problem):
@@ -53,9 +53,10 @@ def test_demo_quick_runs(tmp_path, capsys):
     assert "recommendation: pkl" in printed  # the audit: no 2- or 3-digit numeral has an exact match
     assert "1:N" in printed and "exact-match answer accuracy" in printed
     results = json.loads((tmp_path / "results.json").read_text())
-    ran = list(METHODS.values())
+    ran = [METHODS[m] for m in DEFAULT_METHODS]
     assert list(results["accuracy"]) == ["teacher", *ran]
-    diagnosed = [label for key, label in METHODS.items() if not key.startswith("control-")]
+    assert "trainer (Teacher(loss='auto')): chain" in printed
+    diagnosed = [METHODS[m] for m in DEFAULT_METHODS if not m.startswith("control-")]
     assert list(results["lone_digit"]) == list(results["repdigit"]) == diagnosed
     assert all(0 <= a <= 1 for a in results["accuracy"].values())
     assert (tmp_path / "accuracy.png").stat().st_size > 1000

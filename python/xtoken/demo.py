@@ -1,5 +1,6 @@
-"""``xtoken demo``: the uncommon-token failure of GOLD (X-Token paper, §5) and its P-KL fix, reproduced on
-a toy that runs on the CPU with nothing downloaded.
+"""``xtoken demo``: cross-tokenizer distillation on a toy that runs on the CPU with nothing downloaded: the
+uncommon-token failure of GOLD (X-Token paper, §5), the paper's P-KL, xtoken's chain KL, and two controls
+that show what distillation does when the tokenizers agree.
 
 1. Write a synthetic corpus of arithmetic word problems ("Q: Ann has 47 pens and gets 38 more. How many
    pens does Ann have now?\\nA: 85").
@@ -8,7 +9,9 @@ a toy that runs on the CPU with nothing downloaded.
    multi-digit numerals have no exact match in the teacher vocabulary.
 3. Train a small teacher (a Llama-style causal LM built from a config) until it solves the problems.
 4. Train students of one size, from one initialization, on the same batches for the same number of
-   steps, under CE only, CE + GOLD, CE + P-KL and CE + H-KL (dynamic scaling, SPEC.md §4).
+   steps (dynamic scaling, SPEC.md §4): by default the two controls (the teacher's tokenizer, CE only and
+   CE + KD), then on the student's tokenizer CE only, CE + GOLD, CE + P-KL and CE + chain KL
+   (:data:`DEFAULT_METHODS`; :data:`METHODS` has H-KL, P-KL with NeMo's merge or a learned W, P-KL + chain).
 5. Score each model by exact match of its greedily generated answer on held-out problems (operand pairs
    never seen in training), print a table with the coverage audit and the alignment statistics, and
    save the table (JSON) and a bar plot (PNG).
@@ -42,6 +45,7 @@ from .reference import NEMO_MERGE
 __all__ = [
     "METHODS",
     "SETTINGS",
+    "DEFAULT_METHODS",
     "VOCABS",
     "Answer",
     "DemoData",
@@ -88,6 +92,10 @@ METHODS = {
 lr 1e-2, the paper's setting). The two controls train a student of the same size and budget on the *teacher's*
 tokenizer, under CE only and under CE plus same-tokenizer KD: they show what distillation can do in the toy when
 the tokenizers agree."""
+
+DEFAULT_METHODS = ("control-ce", "control-kd", "ce", "gold", "pkl", "chain")
+"""What ``xtoken demo`` runs unless told (under 10 minutes on two cores): the controls, CE only, GOLD, the paper's
+P-KL and xtoken's chain KL. ``bench/quality/run_study.py`` runs every method."""
 
 _METHOD_LOSSES = {"pkl-nemo": ("pkl", {"merge": NEMO_MERGE}), "pkl-learned": ("pkl", {"learn_projection": True})}
 
@@ -606,7 +614,7 @@ def run_demo(
     settings: DemoSettings,
     seed: int = 0,
     *,
-    methods: Sequence[str] = tuple(METHODS),
+    methods: Sequence[str] = DEFAULT_METHODS,
     extra_students: Sequence[StudentVariant] = (),
     workers: int = 1,
     output: str | Path | None = None,
