@@ -7,6 +7,9 @@ between two vocabularies, and exact span alignment. See README.md and SPEC.md.
 from . import nn, ops, reference
 from .align import AlignedBatch, AlignedCollator, align_spans, align_texts
 from .distill import DistillationCollator, Teacher
+from .fused_linear import (
+    fused_linear_gold_loss, fused_linear_hkl_loss, fused_linear_kd_loss, fused_linear_pkl_loss, fused_linear_uld_loss,
+)  # fmt: skip
 from .losses import gold_loss, hkl_loss, kd_loss, pkl_loss, project, uld_loss
 from .projection import Projection
 
@@ -15,7 +18,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Projection", "pkl_loss", "gold_loss", "hkl_loss", "uld_loss", "kd_loss", "project", "nn", "ops", "reference",
     "__version__", "AlignedBatch", "AlignedCollator", "align_spans", "align_texts",
-    "DistillationCollator", "DistillationTrainer", "Teacher",
+    "DistillationCollator", "DistillationTrainer", "Teacher", "fused_linear_pkl_loss", "fused_linear_gold_loss",
+    "fused_linear_hkl_loss", "fused_linear_uld_loss", "fused_linear_kd_loss",
 ]  # fmt: skip
 
 

@@ -441,27 +441,27 @@ def _setup(op: str, ctx, inputs, output) -> None:
 def _backward(op: str, ctx, grad_loss, grad_ce, *_unused):
     n_inputs = _N_HEAD + _OPS[op].options + _N_TAIL
     if ctx.precompute:
-        grads = list(ctx.saved_tensors[:3])
-        ce_grads = ctx.saved_tensors[3:] if ctx.has_ce else None
         # Eager autograd scales the precomputed gradients in place, so that a weight-sized gradient is not
         # copied once more (hence one backward per forward); traced graphs (torch.compile) get the
         # out-of-place form and plan their memory themselves.
         in_place = type(grad_loss) is torch.Tensor
-        if in_place:
-            if getattr(ctx, "scaled", False):
-                raise RuntimeError(
-                    "a fused linear loss with reduction='sum' or 'mean' computes its gradients in the forward and "
-                    "scales them in place in the backward, so it supports one backward per forward (no "
-                    "retain_graph=True reuse); call the loss again, or use reduction='none'"
-                )
-            ctx.scaled = True
+        if in_place and getattr(ctx, "scaled", False):
+            raise RuntimeError(
+                "a fused linear loss with reduction='sum' or 'mean' computes its gradients in the forward and "
+                "scales them in place in the backward, so it supports one backward per forward (no "
+                "retain_graph=True reuse); call the loss again, or use reduction='none'"
+            )
+        ctx.scaled = in_place
+        grads = list(ctx.saved_tensors[:3])
+        ce_grads = ctx.saved_tensors[3:] if ctx.has_ce else None
         for i, g in enumerate(grads):
             if g.numel() == 0:
                 grads[i] = None
                 continue
             g = g.mul_(grad_loss.to(g.dtype)) if in_place else g * grad_loss.to(g.dtype)
             if ce_grads is not None:
-                g = g.addcmul_(ce_grads[i], grad_ce.to(g.dtype)) if in_place else g + ce_grads[i] * grad_ce.to(g.dtype)
+                scale = grad_ce.to(g.dtype)
+                g = g.addcmul_(ce_grads[i], scale) if in_place else g + ce_grads[i] * scale
             grads[i] = g
     elif hasattr(ctx, "tensor_positions"):
         args = list(ctx.others)
