@@ -104,6 +104,7 @@ def train(
     save_steps: int | None = None,
     resume: str | None = None,
     max_length: int = 48,
+    fused_linear: bool = False,
 ):
     """Train a tiny student for ``steps`` optimizer steps on :data:`TEXTS` (fixed order) and return the
     trainer. The student, teachers and data are the same in every process."""
@@ -121,7 +122,7 @@ def train(
     )  # fmt: skip
     trainer = xtoken.DistillationTrainer(
         student, args, teachers=make_teachers(teachers, student_tok), student_tokenizer=student_tok,
-        kd_scaling=kd_scaling, max_length=max_length, train_dataset=TEXTS,
+        kd_scaling=kd_scaling, max_length=max_length, train_dataset=TEXTS, fused_linear=fused_linear,
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=resume)
     return trainer

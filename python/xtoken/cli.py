@@ -236,6 +236,10 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
         help="the dtype teachers run in (default: as saved)",
     )  # fmt: skip
     p.add_argument("--bf16", action="store_true", help="train the student in bf16 mixed precision")
+    p.add_argument(
+        "--fused-linear", action="store_true",
+        help="losses from hidden states and lm_head weights, block by block: no [batch, length, vocabulary] logits",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.set_defaults(func=_clean_errors(_run_distill))
@@ -373,7 +377,7 @@ def _run_distill(args: argparse.Namespace) -> int:
     )  # fmt: skip
     trainer = DistillationTrainer(
         student, training_args, teachers=teachers, student_tokenizer=student_tok, kd_scaling=kd_scaling,
-        max_length=args.max_length, train_dataset=texts,
+        max_length=args.max_length, train_dataset=texts, fused_linear=args.fused_linear,
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=last if args.resume else None)
     trainer.save_model(str(output))

@@ -334,6 +334,12 @@ def _ce_block(logits: torch.Tensor, targets: torch.Tensor, coefficient: torch.Te
 
 def _forward(op: str, *args):
     c = _Call.parse(op, args)
+    # The public functions apply autocast to the inputs, as F.linear would; inside, every dtype is explicit.
+    with torch.autocast(c.student_hidden.device.type, enabled=False):
+        return _run_blocks(op, c)
+
+
+def _run_blocks(op: str, c: _Call):
     spec = _OPS[op]
     kernel = spec.kernel
     fwd = getattr(torch.ops.xtoken, f"{kernel.name}_fwd")
@@ -527,6 +533,10 @@ def _fused(kernel: str, student_hidden, student_weight, teacher_hidden, teacher_
     ce = _targets(ce_targets, "ce_targets", hs.device)
     if ce is not None and ce.shape[0] != hs.shape[0]:
         raise ValueError(f"ce_targets: expected one target per student row ({hs.shape[0]}), got {ce.shape[0]}")
+    if torch.is_autocast_enabled(hs.device.type):  # the logits in the autocast dtype, as F.linear computes them
+        dtype = torch.get_autocast_dtype(hs.device.type)
+        hs, W_s, ht, W_t = (t.to(dtype) for t in (hs, W_s, ht, W_t))
+        b_s, b_t = (None if b is None else b.to(dtype) for b in (b_s, b_t))
     grad_enabled = torch.is_grad_enabled()
     needs_grad = [grad_enabled and t is not None and t.requires_grad for t in (hs, W_s, b_s)]
     op = getattr(torch.ops.xtoken, f"fused_linear_{kernel}")
