@@ -161,6 +161,18 @@ def test_bfloat16_weight_gradient_accumulated_in_its_own_dtype():
     assert_close_ratio(got_grads[1].cpu(), low_grads[1].cpu(), ref_grads[1].cpu(), "grad weight", ratio=3.0)
 
 
+def test_autocast_computes_the_logits_in_its_dtype_as_f_linear():
+    case = Case("kd", V_s=301, H_s=32, H_t=48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_grads = loss_and_grads(fused, case, with_ce=True, block_rows=8)
+        low, low_grads = loss_and_grads(unfused, case, with_ce=True)
+    exact, _ = loss_and_grads(unfused, case, with_ce=True)
+    assert got_grads[1].dtype == torch.float32  # the float32 weight's gradient
+    for a, b, e in zip(got, low, exact):
+        assert rel_error(a, b) < 0.1 * rel_error(b, e)  # bf16 logits like F.linear's, not float32 ones
+    assert all(rel_error(a, b) < 1e-2 for a, b in zip(got_grads, low_grads))
+
+
 def test_teacher_in_another_dtype_and_without_gradient():
     case = Case("pkl")
     teacher = (case.ht.to(torch.bfloat16).requires_grad_(), case.Wt.to(torch.bfloat16).requires_grad_(),

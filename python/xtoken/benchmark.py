@@ -450,3 +450,152 @@ def run_gold_benchmark(*, device: str | None = None, csv_path: str | None = None
         append_csv(csv_path, rows)
         print(f"appended {len(rows)} rows to {csv_path}")
     return rows
+
+
+# ------------------------------------------------------------------------------------------ fused linear
+
+# Llama-3.2-1B student, Qwen3-4B teacher: hidden sizes and logit widths.
+FUSED_LINEAR_SHAPES = {"H_s": 2048, "H_t": 2560, "V_s": 128_256, "V_t": 151_936}
+
+
+def _fused_linear_case(loss: str, rows: int, dtype: torch.dtype, device: torch.device, shapes: dict, seed: int = 0):
+    """Hidden states (unit scale), lm_heads (logits of standard deviation 2), a chunk table (~90% 1:1 for P-KL;
+    one 1:1 chunk per row for KD, where the teacher shares the student's vocabulary) and W."""
+    g = torch.Generator().manual_seed(seed)
+    H_s, H_t, V_s = shapes["H_s"], shapes["H_t"], shapes["V_s"]
+    V_t = V_s if loss == "kd" else shapes["V_t"]
+    batch = max(1, rows // 512)
+    seq = rows // batch
+    if loss == "kd":
+        t_seq = seq
+        first = torch.arange(batch * seq, dtype=torch.int32)
+        chunks = torch.stack([first, first + 1, first, first + 1], dim=1)
+    else:
+        t_seq = seq + seq // 8
+        chunks = random_chunks(batch, seq, t_seq, one_to_one=0.9, drop=0.02, generator=g)
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(dtype).to(device)
+
+    hs, Ws = rand(batch * seq, H_s), rand(V_s, H_s, std=2 / H_s**0.5)
+    ht, Wt = rand(batch * t_seq, H_t), rand(V_t, H_t, std=2 / H_t**0.5)
+    mapping = (random_projection(V_s, V_t, generator=g).to(device),) if loss == "pkl" else ()
+    return hs, Ws, ht, Wt, chunks.to(device), mapping
+
+
+def _fused_linear_impls(loss: str, case, with_liger: bool) -> dict:
+    """name -> fn(student_hidden, student_weight) -> loss, for one case."""
+    from . import fused_linear, losses
+
+    _, _, ht, Wt, chunks, mapping = case
+    unfused_loss = getattr(losses, f"{loss}_loss")
+    fused_loss = getattr(fused_linear, f"fused_linear_{loss}_loss")
+
+    def unfused(hidden, weight):
+        student_logits = torch.nn.functional.linear(hidden, weight)
+        with torch.no_grad():
+            teacher_logits = torch.nn.functional.linear(ht, Wt)
+        return unfused_loss(student_logits, teacher_logits, chunks, *mapping)
+
+    impls = {"unfused": unfused, "fused": lambda hidden, weight: fused_loss(hidden, weight, ht, Wt, chunks, *mapping)}
+    if with_liger:
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+        liger = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)  # beta = 0: forward KL, as kd_loss
+        impls["liger"] = lambda hidden, weight: liger(hidden, weight, ht, Wt)
+    return impls
+
+
+def _linear_fwd_bwd(fn, hidden: torch.Tensor, weight: torch.Tensor) -> Callable[[], tuple]:
+    def run() -> tuple:
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        fn(h, w).backward()
+        return h.grad, w.grad
+
+    return run
+
+
+def _fused_linear_memory_probe(impl: str, loss: str, rows: int, dtype: str, shapes: dict) -> int:
+    """Runs in a fresh process: the peak extra resident memory of one forward+backward of ``impl``."""
+    case = _fused_linear_case(loss, rows, getattr(torch, dtype), torch.device("cpu"), shapes)
+    fn = _fused_linear_impls(loss, case, with_liger=False)[impl]
+    return peak_extra_bytes(_linear_fwd_bwd(fn, case[0], case[1]), torch.device("cpu"))
+
+
+def _has_liger() -> bool:
+    try:
+        import liger_kernel.transformers.fused_linear_jsd  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_fused_linear_benchmark(*, device: str | None = None, csv_path: str | None = None,
+                               rows: int | None = None, dtypes: list[torch.dtype] | None = None,
+                               losses: list[str] | None = None, shapes: dict | None = None,
+                               repeats: int | None = None, warmup: int | None = None) -> list[Measurement]:
+    """Forward+backward time and peak extra memory of the fused linear losses against the unfused path
+    (``F.linear`` logits of both sides into the same loss), on the same inputs: on the CPU N = 2,048 student
+    rows, on a GPU N = 32,768 and, for same-vocabulary KD, Liger-Kernel's ``LigerFusedLinearJSD`` (beta = 0,
+    forward KL) when it is installed. ``beyond_grads_mb`` is the peak minus the gradients of the hidden
+    states and the weight that the call returns."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cpu = dev.type == "cpu"
+    shapes = {**FUSED_LINEAR_SHAPES, **(shapes or {})}
+    rows = rows or (2048 if on_cpu else 32_768)
+    dtypes = dtypes or ([torch.float32] if on_cpu else [torch.bfloat16])
+    losses = losses or (["pkl"] if on_cpu else ["pkl", "kd"])
+    repeats = repeats or (2 if on_cpu else 10)
+    warmup = (0 if on_cpu else 1) if warmup is None else warmup
+    results: list[Measurement] = []
+    print(f"fused linear losses, forward+backward on {_device_name(dev)}: N={rows}, {shapes}")
+    for loss in losses:
+        for dtype in dtypes:
+            case = _fused_linear_case(loss, rows, dtype, dev, shapes)
+            hs, Ws, ht, Wt, chunks, _ = case
+            grads_mb = (hs.numel() + Ws.numel()) * hs.element_size() / 2**20
+            shape = (f"N_s={hs.shape[0]} N_t={ht.shape[0]} K={chunks.shape[0]} H_s={hs.shape[1]} H_t={ht.shape[1]} "
+                     f"V_s={Ws.shape[0]} V_t={Wt.shape[0]}")
+            impls = _fused_linear_impls(loss, case, with_liger=loss == "kd" and not on_cpu and _has_liger())
+            values = {name: _loss_and_grad_pair(fn, hs, Ws) for name, fn in impls.items()}
+            rows_here = {}
+            for name, fn in impls.items():
+                extra = {"loss": loss}
+                if name != "unfused":
+                    ref, got = values["unfused"], values[name]
+                    extra["rel_loss_vs_unfused"] = f"{abs(got[0] - ref[0]) / abs(ref[0]):.1e}"
+                    extra["rel_grad_weight_vs_unfused"] = f"{float((got[1] - ref[1]).norm() / ref[1].norm()):.1e}"
+                probe = f"b._fused_linear_memory_probe({name!r}, {loss!r}, {rows}, {str(dtype)[6:]!r}, {shapes!r})"
+                m = measure(f"fused_linear_{loss}", name, _linear_fwd_bwd(fn, hs, Ws), device=dev, dtype=dtype,
+                            shape=shape, repeats=repeats, warmup=warmup, extra=extra,
+                            peak=peak_in_subprocess(probe) if on_cpu else None)
+                m.extra["beyond_grads_mb"] = f"{m.peak_extra_mb - grads_mb:.0f}"
+                rows_here[name] = m
+            base = rows_here["unfused"]
+            print(f"{loss} {str(dtype)[6:]}: {shape}")
+            print(f"{'impl':>8} {'median ms':>11} {'p20-p80 ms':>23} {'peak MB':>9} {'beyond grads MB':>16} "
+                  f"{'time / unfused':>15} {'memory / unfused':>17}")
+            for name, m in rows_here.items():
+                beyond, base_beyond = float(m.extra["beyond_grads_mb"]), float(base.extra["beyond_grads_mb"])
+                m.extra["time_vs_unfused"] = f"{m.median_ms / base.median_ms:.2f}"
+                m.extra["memory_vs_unfused"] = f"{beyond / base_beyond:.3f}"
+                print(f"{name:>8} {m.median_ms:>11.1f} {m.p20_ms:>11.1f}-{m.p80_ms:<11.1f} {m.peak_extra_mb:>9.0f} "
+                      f"{beyond:>16.0f} {m.median_ms / base.median_ms:>15.2f} {beyond / base_beyond:>17.3f}")
+                if name != "unfused":
+                    print(f"{'':>8} agreement with unfused: loss {m.extra['rel_loss_vs_unfused']}, "
+                          f"grad weight {m.extra['rel_grad_weight_vs_unfused']} relative")
+            results += rows_here.values()
+            if csv_path:
+                append_csv(csv_path, list(rows_here.values()))
+            del case, hs, Ws, ht, Wt, impls, values
+    print("memory / unfused: peak memory beyond the inputs and the returned gradients, over the unfused path's")
+    if csv_path:
+        print(f"appended {len(results)} rows to {csv_path}")
+    return results
+
+
+def _loss_and_grad_pair(fn, hidden: torch.Tensor, weight: torch.Tensor) -> tuple[float, torch.Tensor]:
+    h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = fn(h, w)
+    loss.backward()
+    return float(loss.detach()), w.grad
