@@ -506,20 +506,51 @@ def _fused_linear_impls(loss: str, case, with_liger: bool) -> dict:
     return impls
 
 
-def _linear_fwd_bwd(fn, hidden: torch.Tensor, weight: torch.Tensor) -> Callable[[], tuple]:
-    def run() -> tuple:
+def _linear_fwd_bwd(fn, hidden: torch.Tensor, weight: torch.Tensor, last: dict) -> Callable[[], None]:
+    """One forward+backward of ``fn``; keeps the loss and the weight's gradient of the last call in ``last``."""
+
+    def run() -> None:
+        last.clear()
         h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-        fn(h, w).backward()
-        return h.grad, w.grad
+        loss = fn(h, w)
+        loss.backward()
+        last.update(loss=float(loss.detach()), grad_weight=w.grad)
 
     return run
 
 
-def _fused_linear_memory_probe(impl: str, loss: str, rows: int, dtype: str, shapes: dict) -> int:
-    """Runs in a fresh process: the peak extra resident memory of one forward+backward of ``impl``."""
+def _fused_linear_process(impl: str, loss: str, rows: int, dtype: str, shapes: dict, repeats: int) -> str:
+    """Runs in a fresh process on the CPU: the peak extra resident memory of the first forward+backward of
+    ``impl``, the times of ``repeats`` calls, the loss and the norm of the weight's gradient, as JSON."""
+    import json
+
     case = _fused_linear_case(loss, rows, getattr(torch, dtype), torch.device("cpu"), shapes)
-    fn = _fused_linear_impls(loss, case, with_liger=False)[impl]
-    return peak_extra_bytes(_linear_fwd_bwd(fn, case[0], case[1]), torch.device("cpu"))
+    last: dict = {}
+    run = _linear_fwd_bwd(_fused_linear_impls(loss, case, with_liger=False)[impl], case[0], case[1], last)
+    times = []
+    peak = 0
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        if i == 0:
+            peak = peak_extra_bytes(run, torch.device("cpu"))
+        else:
+            run()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return json.dumps({"times": times, "peak": peak, "loss": last["loss"], "shape": _fused_linear_shape(case),
+                       "grad_norm": float(last["grad_weight"].double().norm())})
+
+
+def _fused_linear_shape(case) -> str:
+    hs, Ws, ht, Wt, chunks, _ = case
+    return (f"N_s={hs.shape[0]} N_t={ht.shape[0]} K={chunks.shape[0]} H_s={hs.shape[1]} H_t={ht.shape[1]} "
+            f"V_s={Ws.shape[0]} V_t={Wt.shape[0]}")
+
+
+def _in_subprocess(expression: str) -> str:
+    code = f"import sys, xtoken.benchmark as b; print({expression})"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return out.stdout.strip().splitlines()[-1]
 
 
 def _has_liger() -> bool:
@@ -528,6 +559,47 @@ def _has_liger() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _measure_fused_linear(loss: str, dtype: torch.dtype, dev: torch.device, rows: int, shapes: dict, repeats: int,
+                          warmup: int) -> tuple[dict[str, Measurement], str, float]:
+    """Every implementation's Measurement on one case, its shape, and the size of the returned gradients (MB).
+    On the CPU each implementation runs in a fresh process (time and resident peak of the same calls); on a
+    GPU in this one. ``extra`` holds the agreement with the unfused path: loss and the norm of grad_weight
+    (the tests compare whole gradients)."""
+    import json
+
+    on_cpu = dev.type == "cpu"
+    case = None if on_cpu else _fused_linear_case(loss, rows, dtype, dev, shapes)
+    shape = None if on_cpu else _fused_linear_shape(case)
+    batch = max(1, rows // 512)
+    grads_mb = (batch * (rows // batch) * shapes["H_s"] + shapes["V_s"] * shapes["H_s"]) * dtype.itemsize / 2**20
+    names = ["unfused", "fused"] + (["liger"] if loss == "kd" and not on_cpu and _has_liger() else [])
+    results, values = {}, {}
+    for name in names:
+        if on_cpu:
+            expression = (f"b._fused_linear_process({name!r}, {loss!r}, {rows}, {str(dtype)[6:]!r}, {shapes!r}, "
+                          f"{repeats})")
+            out = json.loads(_in_subprocess(expression))
+            times, peak_mb, values[name] = out["times"], out["peak"] / 2**20, (out["loss"], out["grad_norm"])
+            shape = out["shape"]
+            q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+            m = Measurement(f"fused_linear_{loss}", name, str(dev), str(dtype)[6:], shape, statistics.median(times),
+                            q[0], q[3], peak_mb, repeats, {"loss": loss})
+        else:
+            last: dict = {}
+            fn = _fused_linear_impls(loss, case, with_liger=name == "liger")[name]
+            m = measure(f"fused_linear_{loss}", name, _linear_fwd_bwd(fn, case[0], case[1], last), device=dev,
+                        dtype=dtype,
+                        shape=shape, repeats=repeats, warmup=warmup, extra={"loss": loss})
+            values[name] = (last["loss"], float(last["grad_weight"].double().norm()))
+        m.extra["beyond_grads_mb"] = f"{m.peak_extra_mb - grads_mb:.0f}"
+        results[name] = m
+    for name, m in results.items():
+        (l, g), (l0, g0) = values[name], values["unfused"]
+        m.extra["rel_loss_vs_unfused"] = f"{abs(l - l0) / abs(l0):.1e}"
+        m.extra["rel_grad_norm_vs_unfused"] = f"{abs(g - g0) / g0:.1e}"
+    return results, shape, grads_mb
 
 
 def run_fused_linear_benchmark(*, device: str | None = None, csv_path: str | None = None,
@@ -545,37 +617,18 @@ def run_fused_linear_benchmark(*, device: str | None = None, csv_path: str | Non
     rows = rows or (2048 if on_cpu else 32_768)
     dtypes = dtypes or ([torch.float32] if on_cpu else [torch.bfloat16])
     losses = losses or (["pkl"] if on_cpu else ["pkl", "kd"])
-    repeats = repeats or (2 if on_cpu else 10)
-    warmup = (0 if on_cpu else 1) if warmup is None else warmup
+    repeats = repeats or (1 if on_cpu else 10)
+    warmup = 1 if warmup is None else warmup
     results: list[Measurement] = []
     print(f"fused linear losses, forward+backward on {_device_name(dev)}: N={rows}, {shapes}")
     for loss in losses:
         for dtype in dtypes:
-            case = _fused_linear_case(loss, rows, dtype, dev, shapes)
-            hs, Ws, ht, Wt, chunks, _ = case
-            grads_mb = (hs.numel() + Ws.numel()) * hs.element_size() / 2**20
-            shape = (f"N_s={hs.shape[0]} N_t={ht.shape[0]} K={chunks.shape[0]} H_s={hs.shape[1]} H_t={ht.shape[1]} "
-                     f"V_s={Ws.shape[0]} V_t={Wt.shape[0]}")
-            impls = _fused_linear_impls(loss, case, with_liger=loss == "kd" and not on_cpu and _has_liger())
-            values = {name: _loss_and_grad_pair(fn, hs, Ws) for name, fn in impls.items()}
-            rows_here = {}
-            for name, fn in impls.items():
-                extra = {"loss": loss}
-                if name != "unfused":
-                    ref, got = values["unfused"], values[name]
-                    extra["rel_loss_vs_unfused"] = f"{abs(got[0] - ref[0]) / abs(ref[0]):.1e}"
-                    extra["rel_grad_weight_vs_unfused"] = f"{float((got[1] - ref[1]).norm() / ref[1].norm()):.1e}"
-                probe = f"b._fused_linear_memory_probe({name!r}, {loss!r}, {rows}, {str(dtype)[6:]!r}, {shapes!r})"
-                m = measure(f"fused_linear_{loss}", name, _linear_fwd_bwd(fn, hs, Ws), device=dev, dtype=dtype,
-                            shape=shape, repeats=repeats, warmup=warmup, extra=extra,
-                            peak=peak_in_subprocess(probe) if on_cpu else None)
-                m.extra["beyond_grads_mb"] = f"{m.peak_extra_mb - grads_mb:.0f}"
-                rows_here[name] = m
-            base = rows_here["unfused"]
-            print(f"{loss} {str(dtype)[6:]}: {shape}")
+            measured, shape, grads_mb = _measure_fused_linear(loss, dtype, dev, rows, shapes, repeats, warmup)
+            base = measured["unfused"]
+            print(f"{loss} {str(dtype)[6:]}: {shape}; returned gradients {grads_mb:.0f} MB")
             print(f"{'impl':>8} {'median ms':>11} {'p20-p80 ms':>23} {'peak MB':>9} {'beyond grads MB':>16} "
                   f"{'time / unfused':>15} {'memory / unfused':>17}")
-            for name, m in rows_here.items():
+            for name, m in measured.items():
                 beyond, base_beyond = float(m.extra["beyond_grads_mb"]), float(base.extra["beyond_grads_mb"])
                 m.extra["time_vs_unfused"] = f"{m.median_ms / base.median_ms:.2f}"
                 m.extra["memory_vs_unfused"] = f"{beyond / base_beyond:.3f}"
@@ -583,19 +636,11 @@ def run_fused_linear_benchmark(*, device: str | None = None, csv_path: str | Non
                       f"{beyond:>16.0f} {m.median_ms / base.median_ms:>15.2f} {beyond / base_beyond:>17.3f}")
                 if name != "unfused":
                     print(f"{'':>8} agreement with unfused: loss {m.extra['rel_loss_vs_unfused']}, "
-                          f"grad weight {m.extra['rel_grad_weight_vs_unfused']} relative")
-            results += rows_here.values()
+                          f"|grad_weight| {m.extra['rel_grad_norm_vs_unfused']} relative")
+            results += measured.values()
             if csv_path:
-                append_csv(csv_path, list(rows_here.values()))
-            del case, hs, Ws, ht, Wt, impls, values
+                append_csv(csv_path, list(measured.values()))
     print("memory / unfused: peak memory beyond the inputs and the returned gradients, over the unfused path's")
     if csv_path:
         print(f"appended {len(results)} rows to {csv_path}")
     return results
-
-
-def _loss_and_grad_pair(fn, hidden: torch.Tensor, weight: torch.Tensor) -> tuple[float, torch.Tensor]:
-    h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-    loss = fn(h, w)
-    loss.backward()
-    return float(loss.detach()), w.grad

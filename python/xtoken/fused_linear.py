@@ -27,14 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ops as _ops  # noqa: F401  (registers the loss kernels' fakes and autograd)
+from . import ops as _ops
 from .losses import _check_hybrid_options, _check_options, _chunk_table, _pair_table, _targets
 from .projection import Projection
 from .reference import hybrid_weights
 
 __all__ = [
     "fused_linear_pkl_loss", "fused_linear_gold_loss", "fused_linear_hkl_loss", "fused_linear_uld_loss",
-    "fused_linear_kd_loss", "default_block_rows", "FUSED_OP_NAMES",
+    "fused_linear_kd_loss", "default_block_rows", "plan_blocks",
 ]  # fmt: skip
 
 
@@ -57,8 +57,6 @@ class _Kernel:
 
 
 _KERNELS = {k.name: k for k in (_Kernel("pkl_loss"), _Kernel("hybrid_loss", columns=2), _Kernel("kd_loss"))}
-
-FUSED_OP_NAMES = tuple(f"fused_linear_{name}" for name in _KERNELS)
 
 # ---------------------------------------------------------------------------------------------
 # Block plan: which rows each block computes, and its chunk table in block-local rows.
@@ -256,13 +254,9 @@ class _Call:
         return not self.gradient_mode and self.reduction != "none" and any(self.needs_grad)
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _grad_shapes(c: _Call) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """Shapes and dtypes of (grad_hidden, grad_weight, grad_bias) for one loss; () shapes mark 'not computed'."""
-    acc = _accumulate_dtype(c.student_hidden.dtype)
+    acc = _ops._accumulate_dtype(c.student_hidden.dtype)
     weight_acc = torch.float64 if c.student_weight.dtype == torch.float64 else c.accum_dtype
     wanted = [c.needs_grad[0], c.needs_grad[1], c.needs_grad[2] and c.student_bias is not None]
     shapes = [tuple(c.student_hidden.shape), tuple(c.student_weight.shape), (c.student_weight.shape[0],)]
@@ -270,7 +264,7 @@ def _grad_shapes(c: _Call) -> list[tuple[tuple[int, ...], torch.dtype]]:
 
 
 def _output_shapes(c: _Call) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    acc = _accumulate_dtype(c.student_hidden.dtype)
+    acc = _ops._accumulate_dtype(c.student_hidden.dtype)
     none = c.reduction == "none"
     loss = ((c.chunks.shape[0],) if none else (), acc)
     ce = ((c.student_hidden.shape[0],) if none and c.ce_targets is not None else (), acc)
@@ -346,7 +340,7 @@ def _run_blocks(op: str, c: _Call):
     bwd = getattr(torch.ops.xtoken, f"{kernel.name}_bwd")
     hs_all, W_s, b_s = c.student_hidden, c.student_weight, c.student_bias
     ht_all, W_t, b_t = c.teacher_hidden, c.teacher_weight, c.teacher_bias
-    device, acc = hs_all.device, _accumulate_dtype(hs_all.dtype)
+    device, acc = hs_all.device, _ops._accumulate_dtype(hs_all.dtype)
     (N_s, _), (N_t, _), V_s, V_t = hs_all.shape, ht_all.shape, W_s.shape[0], W_t.shape[0]
     K = c.chunks.shape[0]
 
