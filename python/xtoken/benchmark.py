@@ -590,8 +590,7 @@ def _measure_fused_linear(loss: str, dtype: torch.dtype, dev: torch.device, rows
             last: dict = {}
             fn = _fused_linear_impls(loss, case, with_liger=name == "liger")[name]
             m = measure(f"fused_linear_{loss}", name, _linear_fwd_bwd(fn, case[0], case[1], last), device=dev,
-                        dtype=dtype,
-                        shape=shape, repeats=repeats, warmup=warmup, extra={"loss": loss})
+                        dtype=dtype, shape=shape, repeats=repeats, warmup=warmup, extra={"loss": loss})
             values[name] = (last["loss"], float(last["grad_weight"].double().norm()))
         m.extra["beyond_grads_mb"] = f"{m.peak_extra_mb - grads_mb:.0f}"
         results[name] = m

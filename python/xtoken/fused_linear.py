@@ -320,7 +320,7 @@ def _ce_block(logits: torch.Tensor, targets: torch.Tensor, coefficient: torch.Te
     losses = torch.where(valid, lse - z.gather(1, index).squeeze(1), 0)
     if coefficient is None:
         return losses, None
-    grad = torch.exp(z - lse.unsqueeze(1))
+    grad = (z - lse.unsqueeze(1)).exp_()
     grad.scatter_add_(1, index, -valid.to(acc).unsqueeze(1))
     grad.mul_(torch.where(valid, coefficient, 0).unsqueeze(1))
     return losses, grad.to(logits.dtype)
@@ -418,7 +418,7 @@ def _run_blocks(op: str, c: _Call):
             loss, ce = loss / max(K, 1), ce / max(ce_count, 1)
     outputs = [loss, ce]
     for gradients in (grads, ce_grads):
-        outputs += gradients.tensors if gradients is not None else [hs_all.new_empty((0,), dtype=acc) for _ in "hwb"]
+        outputs += gradients.tensors if gradients is not None else [hs_all.new_empty((0,), dtype=acc) for _ in range(3)]
     return tuple(outputs)
 
 
