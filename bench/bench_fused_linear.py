@@ -26,6 +26,7 @@ if __name__ == "__main__":
     parser.add_argument("--losses", nargs="*", default=None, choices=["pkl", "gold", "hkl", "uld", "kd"])
     parser.add_argument("--hidden", type=int, nargs=2, default=None, metavar=("H_S", "H_T"),
                         help="hidden sizes (default 2048 2560)")
+    parser.add_argument("--block-rows", type=int, nargs="*", default=(), help="also time the fused path with these")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--csv", default=None)
@@ -35,6 +36,6 @@ if __name__ == "__main__":
     csv_path = args.csv or os.path.join(here, "results", f"fused_linear_{device}.csv")
     run_fused_linear_benchmark(
         device=device, csv_path=csv_path, rows=args.rows, losses=args.losses, repeats=args.repeats,
-        warmup=args.warmup, dtypes=[getattr(torch, d) for d in args.dtypes] if args.dtypes else None,
+        warmup=args.warmup, block_rows=args.block_rows, dtypes=[getattr(torch, d) for d in args.dtypes] if args.dtypes else None,
         shapes={"H_s": args.hidden[0], "H_t": args.hidden[1]} if args.hidden else None,
     )

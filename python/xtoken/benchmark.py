@@ -483,8 +483,9 @@ def _fused_linear_case(loss: str, rows: int, dtype: torch.dtype, device: torch.d
     return hs, Ws, ht, Wt, chunks.to(device), mapping
 
 
-def _fused_linear_impls(loss: str, case, with_liger: bool) -> dict:
-    """name -> fn(student_hidden, student_weight) -> loss, for one case."""
+def _fused_linear_impls(loss: str, case, with_liger: bool, block_rows: tuple[int, ...] = ()) -> dict:
+    """name -> fn(student_hidden, student_weight) -> loss, for one case: ``fused`` with the default block size,
+    ``fused_b<n>`` with ``n`` rows per block."""
     from . import fused_linear, losses
 
     _, _, ht, Wt, chunks, mapping = case
@@ -498,6 +499,9 @@ def _fused_linear_impls(loss: str, case, with_liger: bool) -> dict:
         return unfused_loss(student_logits, teacher_logits, chunks, *mapping)
 
     impls = {"unfused": unfused, "fused": lambda hidden, weight: fused_loss(hidden, weight, ht, Wt, chunks, *mapping)}
+    for n in block_rows:
+        impls[f"fused_b{n}"] = functools.partial(
+            lambda hidden, weight, n: fused_loss(hidden, weight, ht, Wt, chunks, *mapping, block_rows=n), n=n)
     if with_liger:
         from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
 
@@ -519,14 +523,15 @@ def _linear_fwd_bwd(fn, hidden: torch.Tensor, weight: torch.Tensor, last: dict) 
     return run
 
 
-def _fused_linear_process(impl: str, loss: str, rows: int, dtype: str, shapes: dict, repeats: int) -> str:
+def _fused_linear_process(impl: str, loss: str, rows: int, dtype: str, shapes: dict, repeats: int,
+                          block_rows: tuple[int, ...] = ()) -> str:
     """Runs in a fresh process on the CPU: the peak extra resident memory of the first forward+backward of
     ``impl``, the times of ``repeats`` calls, the loss and the norm of the weight's gradient, as JSON."""
     import json
 
     case = _fused_linear_case(loss, rows, getattr(torch, dtype), torch.device("cpu"), shapes)
     last: dict = {}
-    run = _linear_fwd_bwd(_fused_linear_impls(loss, case, with_liger=False)[impl], case[0], case[1], last)
+    run = _linear_fwd_bwd(_fused_linear_impls(loss, case, False, block_rows)[impl], case[0], case[1], last)
     times = []
     peak = 0
     for i in range(repeats):
@@ -562,7 +567,7 @@ def _has_liger() -> bool:
 
 
 def _measure_fused_linear(loss: str, dtype: torch.dtype, dev: torch.device, rows: int, shapes: dict, repeats: int,
-                          warmup: int) -> tuple[dict[str, Measurement], str, float]:
+                          warmup: int, block_rows: tuple[int, ...]) -> tuple[dict[str, Measurement], str, float]:
     """Every implementation's Measurement on one case, its shape, and the size of the returned gradients (MB).
     On the CPU each implementation runs in a fresh process (time and resident peak of the same calls); on a
     GPU in this one. ``extra`` holds the agreement with the unfused path: loss and the norm of grad_weight
@@ -574,12 +579,13 @@ def _measure_fused_linear(loss: str, dtype: torch.dtype, dev: torch.device, rows
     shape = None if on_cpu else _fused_linear_shape(case)
     batch = max(1, rows // 512)
     grads_mb = (batch * (rows // batch) * shapes["H_s"] + shapes["V_s"] * shapes["H_s"]) * dtype.itemsize / 2**20
-    names = ["unfused", "fused"] + (["liger"] if loss == "kd" and not on_cpu and _has_liger() else [])
+    names = ["unfused", "fused", *(f"fused_b{n}" for n in block_rows)]
+    names += ["liger"] if loss == "kd" and not on_cpu and _has_liger() else []
     results, values = {}, {}
     for name in names:
         if on_cpu:
             expression = (f"b._fused_linear_process({name!r}, {loss!r}, {rows}, {str(dtype)[6:]!r}, {shapes!r}, "
-                          f"{repeats})")
+                          f"{repeats}, {block_rows!r})")
             out = json.loads(_in_subprocess(expression))
             times, peak_mb, values[name] = out["times"], out["peak"] / 2**20, (out["loss"], out["grad_norm"])
             shape = out["shape"]
@@ -588,11 +594,13 @@ def _measure_fused_linear(loss: str, dtype: torch.dtype, dev: torch.device, rows
                             q[0], q[3], peak_mb, repeats, {"loss": loss})
         else:
             last: dict = {}
-            fn = _fused_linear_impls(loss, case, with_liger=name == "liger")[name]
+            fn = _fused_linear_impls(loss, case, name == "liger", block_rows)[name]
             m = measure(f"fused_linear_{loss}", name, _linear_fwd_bwd(fn, case[0], case[1], last), device=dev,
                         dtype=dtype, shape=shape, repeats=repeats, warmup=warmup, extra={"loss": loss})
             values[name] = (last["loss"], float(last["grad_weight"].double().norm()))
-        m.extra["beyond_grads_mb"] = f"{m.peak_extra_mb - grads_mb:.0f}"
+        # The fused path holds the gradients it returns from its start; the unfused path allocates them after it
+        # freed its logits and their gradient (its peak), so its peak holds none of them.
+        m.extra["beyond_grads_mb"] = f"{m.peak_extra_mb - (0 if name == 'unfused' else grads_mb):.0f}"
         results[name] = m
     for name, m in results.items():
         (l, g), (l0, g0) = values[name], values["unfused"]
@@ -604,12 +612,15 @@ def _measure_fused_linear(loss: str, dtype: torch.dtype, dev: torch.device, rows
 def run_fused_linear_benchmark(*, device: str | None = None, csv_path: str | None = None,
                                rows: int | None = None, dtypes: list[torch.dtype] | None = None,
                                losses: list[str] | None = None, shapes: dict | None = None,
-                               repeats: int | None = None, warmup: int | None = None) -> list[Measurement]:
+                               repeats: int | None = None, warmup: int | None = None,
+                               block_rows: tuple[int, ...] = ()) -> list[Measurement]:
     """Forward+backward time and peak extra memory of the fused linear losses against the unfused path
     (``F.linear`` logits of both sides into the same loss), on the same inputs: on the CPU N = 2,048 student
     rows, on a GPU N = 32,768 and, for same-vocabulary KD, Liger-Kernel's ``LigerFusedLinearJSD`` (beta = 0,
-    forward KL) when it is installed. ``beyond_grads_mb`` is the peak minus the gradients of the hidden
-    states and the weight that the call returns."""
+    forward KL) when it is installed; ``block_rows`` adds fused runs with those block sizes. ``beyond_grads_mb``
+    is the peak beyond the gradients of the hidden states and the weight that the call returns: the fused path
+    holds them from its start (peak minus their size); the unfused path allocates them only after freeing its
+    logits and their gradient, so its peak holds none of them (its whole peak)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cpu = dev.type == "cpu"
     shapes = {**FUSED_LINEAR_SHAPES, **(shapes or {})}
@@ -622,7 +633,8 @@ def run_fused_linear_benchmark(*, device: str | None = None, csv_path: str | Non
     print(f"fused linear losses, forward+backward on {_device_name(dev)}: N={rows}, {shapes}")
     for loss in losses:
         for dtype in dtypes:
-            measured, shape, grads_mb = _measure_fused_linear(loss, dtype, dev, rows, shapes, repeats, warmup)
+            measured, shape, grads_mb = _measure_fused_linear(loss, dtype, dev, rows, shapes, repeats, warmup,
+                                                              tuple(block_rows))
             base = measured["unfused"]
             print(f"{loss} {str(dtype)[6:]}: {shape}; returned gradients {grads_mb:.0f} MB")
             print(f"{'impl':>8} {'median ms':>11} {'p20-p80 ms':>23} {'peak MB':>9} {'beyond grads MB':>16} "

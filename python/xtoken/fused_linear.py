@@ -425,12 +425,15 @@ def _run_blocks(op: str, c: _Call):
 def _setup(op: str, ctx, inputs, output) -> None:
     c = _Call.parse(op, inputs)
     ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)  # no zero gradient of a weight's size for the gradient outputs
     ctx.op, ctx.precompute = op, c.precompute
     ctx.dtypes = (c.student_hidden.dtype, c.student_weight.dtype,
                   None if c.student_bias is None else c.student_bias.dtype)
     ctx.has_ce = c.ce_targets is not None
     if c.precompute:
-        ctx.save_for_backward(*output[2:])
+        # Held by ctx, not saved for backward: the backward drops them, so that autograd can hand the weight-sized
+        # gradient to .grad without copying it (it copies a gradient that a saved tensor still references).
+        ctx.precomputed = list(output[2:])
     elif c.reduction == "none" and any(c.needs_grad):
         tensors = [(i, a) for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
         ctx.tensor_positions = [i for i, _ in tensors]
@@ -440,20 +443,25 @@ def _setup(op: str, ctx, inputs, output) -> None:
 
 def _backward(op: str, ctx, grad_loss, grad_ce, *_unused):
     n_inputs = _N_HEAD + _OPS[op].options + _N_TAIL
+    if grad_loss is None and grad_ce is None:
+        return (None,) * n_inputs
+    if grad_loss is None or grad_ce is None:  # an output that the loss does not use
+        zero = (grad_ce if grad_loss is None else grad_loss).new_zeros(())
+        grad_loss = zero if grad_loss is None else grad_loss
+        grad_ce = zero if grad_ce is None else grad_ce
     if ctx.precompute:
         # Eager autograd scales the precomputed gradients in place, so that a weight-sized gradient is not
-        # copied once more (hence one backward per forward); traced graphs (torch.compile) get the
-        # out-of-place form and plan their memory themselves.
+        # copied once more; traced graphs (torch.compile) get the out-of-place form and plan their memory
+        # themselves.
         in_place = type(grad_loss) is torch.Tensor
-        if in_place and getattr(ctx, "scaled", False):
+        if ctx.precomputed is None:
             raise RuntimeError(
                 "a fused linear loss with reduction='sum' or 'mean' computes its gradients in the forward and "
-                "scales them in place in the backward, so it supports one backward per forward (no "
-                "retain_graph=True reuse); call the loss again, or use reduction='none'"
+                "hands them over in the backward, so it supports one backward per forward (no retain_graph=True "
+                "reuse); call the loss again, or use reduction='none'"
             )
-        ctx.scaled = in_place
-        grads = list(ctx.saved_tensors[:3])
-        ce_grads = ctx.saved_tensors[3:] if ctx.has_ce else None
+        grads, ce_grads = ctx.precomputed[:3], (ctx.precomputed[3:] if ctx.has_ce else None)
+        ctx.precomputed = None
         for i, g in enumerate(grads):
             if g.numel() == 0:
                 grads[i] = None
@@ -468,8 +476,8 @@ def _backward(op: str, ctx, grad_loss, grad_ce, *_unused):
         for i, t in zip(ctx.tensor_positions, ctx.saved_tensors):
             args[i] = t
         c = _Call.parse(op, tuple(args))
-        c.grad_losses = grad_loss
-        c.grad_ce = grad_ce if ctx.has_ce else None
+        c.grad_losses = grad_loss.expand(c.chunks.shape[0])
+        c.grad_ce = grad_ce.expand(c.student_hidden.shape[0]) if ctx.has_ce else None
         grads = list(getattr(torch.ops.xtoken, op)(*c.args())[2:5])
         grads = [None if g.numel() == 0 else g for g in grads]
     else:

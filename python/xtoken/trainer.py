@@ -75,7 +75,7 @@ class DistillationTrainer(Trainer):
             teacher whose logits are not exactly ``lm_head(hidden)`` (no ``nn.Linear`` head, a logit soft-cap or
             scale) keeps the logits path, with a warning; so does everything when the student is such a model,
             when there is no teacher, or under FSDP / DeepSpeed ZeRO-3 (which shard the lm_head weight).
-            Evaluation computes logits as usual.
+            Evaluation computes logits as usual. ``ddp_find_unused_parameters`` defaults to False with it.
         train_dataset, eval_dataset: texts, or mappings (e.g. a ``datasets.Dataset``) with ``text_key``.
         **kwargs: the other ``transformers.Trainer`` arguments (callbacks, optimizers, ...). A
             ``data_collator`` replaces the :class:`xtoken.DistillationCollator`; it must produce its batches.
@@ -119,6 +119,10 @@ class DistillationTrainer(Trainer):
             args = TrainingArguments(output_dir="xtoken_distill")
         _check_batching(args)
         args.remove_unused_columns = False
+        if fused_linear and args.ddp_find_unused_parameters is None:
+            # The lm_head weight gets its gradient from the loss, outside the forward that DDP searches for unused
+            # parameters (which would mark it ready twice).
+            args.ddp_find_unused_parameters = False
         self.kd_scaling = kd_scaling
         self.teachers: list[PreparedTeacher] = prepare_teachers(teachers, student_tokenizer, _logit_width(model))
         kwargs.setdefault(
