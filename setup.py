@@ -3,10 +3,17 @@
 The CPU kernels are always built. The CUDA kernels are compiled whenever a CUDA toolkit and a CUDA
 build of torch are present, even with no GPU visible; ``XTOKEN_BUILD_CUDA=0`` or ``=1`` forces either
 way (``=1`` fails loudly when the toolkit or a CUDA torch is missing).
+
+CUDA architectures: ``TORCH_CUDA_ARCH_LIST`` when set (e.g. ``9.0``, as CI does); otherwise the visible
+GPUs' (torch's own detection, with PTX of the newest); with no GPU visible, PORTABLE_CUDA_ARCHS as far as
+this nvcc supports them, with PTX of the newest. The library records what it was built for
+(``xtoken.ops.cuda_architectures()``).
 """
 
 import glob
 import os
+import re
+import subprocess
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,6 +65,31 @@ def _wheel_cuda_includes(cuda_home: str) -> list:
     return [os.path.dirname(os.path.abspath(found[0]))] if found else []
 
 
+# With no GPU visible and no TORCH_CUDA_ARCH_LIST: machine code for Ampere (A100; A10, A40, RTX 30), Ada (L40S,
+# RTX 40), Hopper (H100, H200) and Blackwell (B200, B300; Thor; RTX 50, RTX PRO), which a GPU of the same major
+# version and an equal or higher minor one runs, plus PTX of the newest for later GPUs.
+PORTABLE_CUDA_ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0", "11.0", "12.0")
+
+
+def _cuda_arch_flags() -> list:
+    """The -gencode flags of the CUDA build, passed to nvcc explicitly (torch then adds none of its own), so they
+    are exactly what the library holds."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
+        return cpp_extension._get_cuda_arch_flags()
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout.split()
+    archs = [a.replace(".", "") for a in PORTABLE_CUDA_ARCHS if "compute_" + a.replace(".", "") in listed]
+    if not archs:
+        raise RuntimeError(f"{nvcc} supports none of {PORTABLE_CUDA_ARCHS}; set TORCH_CUDA_ARCH_LIST")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return flags + [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+
+
+def _cuda_targets(arch_flags: list) -> str:
+    """The targets of -gencode flags, e.g. 'compute_90,sm_80,sm_90' (machine code sm_XX, PTX compute_XX)."""
+    return ",".join(sorted(set(re.findall(r"code=((?:sm|compute)_\w+)", " ".join(arch_flags)))))
+
+
 def _cpu_arch_flags() -> list:
     """x86-64-v3 (AVX2, FMA, F16C) code for the CPU kernels when the build machine has it, which is where
     `pip install .` runs them. XTOKEN_CPU_ARCH=baseline builds portable x86-64 code instead."""
@@ -100,10 +132,10 @@ def _extension():
     # torch's CUDA headers include the cuBLAS/cuSPARSE headers; a minimal toolkit lacks them, but the
     # nvidia-* wheels that come with a CUDA build of torch ship them.
     include_dirs += _wheel_cuda_includes(cpp_extension.CUDA_HOME)
-    # With no GPU visible torch cannot guess the architectures; default to the H200 (sm_90).
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    arch_flags = _cuda_arch_flags()
+    cxx.append(f"-DXTOKEN_CUDA_ARCHS={_cuda_targets(arch_flags)}")
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    nvcc = opt + [
+    nvcc = opt + arch_flags + [
         "-lineinfo",
         "--expt-relaxed-constexpr",
         "-U__CUDA_NO_HALF_OPERATORS__",

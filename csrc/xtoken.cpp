@@ -4,11 +4,82 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstring>
+
+#include "xtoken/checks.h"
+
+namespace xtoken {
+namespace {
+
+// The content-check mode (include/xtoken/checks.h) as plain Python functions of the module: they take
+// no tensors, so they stay out of the dispatcher and out of traced graphs.
+const char* mode_name(ContentCheckMode mode) { return mode == ContentCheckMode::Always ? "always" : "auto"; }
+
+PyObject* py_content_check_mode(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(mode_name(content_check_mode()));
+  } catch (const std::exception& e) {  // XTOKEN_CONTENT_CHECKS holds an unknown mode
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* py_set_content_check_mode(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  if (std::strcmp(name, "auto") != 0 && std::strcmp(name, "always") != 0) {
+    PyErr_Format(PyExc_ValueError, "content check mode: expected 'auto' or 'always', got '%s'", name);
+    return nullptr;
+  }
+  const ContentCheckMode mode = std::strcmp(name, "always") == 0 ? ContentCheckMode::Always : ContentCheckMode::Auto;
+  try {
+    return PyUnicode_FromString(mode_name(set_content_check_mode(mode)));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* py_skip_content_checks(PyObject*, PyObject*) { return PyBool_FromLong(skip_content_checks()); }
+
+PyObject* py_set_skip_content_checks(PyObject*, PyObject* args) {
+  int skip = 0;
+  if (!PyArg_ParseTuple(args, "p", &skip)) return nullptr;
+  return PyBool_FromLong(set_skip_content_checks(skip != 0));
+}
+
+// The CUDA architectures the build compiled for (setup.py passes them as XTOKEN_CUDA_ARCHS, e.g.
+// sm_80,sm_90,compute_90: machine code and PTX), so that a test can compare them with the library's contents.
+#define XT_STRINGIFY(...) #__VA_ARGS__
+#define XT_EXPAND_STRINGIFY(...) XT_STRINGIFY(__VA_ARGS__)
+PyObject* py_cuda_architectures(PyObject*, PyObject*) {
+#ifdef XTOKEN_CUDA_ARCHS
+  return PyUnicode_FromString(XT_EXPAND_STRINGIFY(XTOKEN_CUDA_ARCHS));
+#else
+  return PyUnicode_FromString("");
+#endif
+}
+
+PyMethodDef module_methods[] = {
+    {"cuda_architectures", py_cuda_architectures, METH_NOARGS,
+     "The CUDA targets compiled into the library, comma-separated ('' without CUDA)."},
+    {"content_check_mode", py_content_check_mode, METH_NOARGS, "The process-wide content check mode."},
+    {"set_content_check_mode", py_set_content_check_mode, METH_VARARGS,
+     "Set the process-wide content check mode ('auto' or 'always'); returns the previous one."},
+    {"skip_content_checks", py_skip_content_checks, METH_NOARGS, "Whether this thread is in a skip scope."},
+    {"set_skip_content_checks", py_set_skip_content_checks, METH_VARARGS,
+     "Enter (True) or leave (False) this thread's skip scope; returns the previous value."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+}  // namespace xtoken
+
 extern "C" {
-// Importing xtoken._C loads this library, whose static initializers register the ops. The module
-// itself is empty, so no pybind11 is needed and the limited API suffices.
+// Importing xtoken._C loads this library, whose static initializers register the ops. The module holds
+// only the content-check functions above, so no pybind11 is needed and the limited API suffices.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, xtoken::module_methods};
   return PyModule_Create(&module_def);
 }
 }
@@ -36,17 +107,20 @@ TORCH_LIBRARY(xtoken, m) {
       "Tensor proj_col_val) -> Tensor");
 
   // P-KL per chunk (SPEC.md §4), unreduced and without the tau^2 factor. Also returns the
-  // logsumexp of every row the pooling reads (0 elsewhere), which the backward reuses.
+  // logsumexp of every row the pooling reads (0 elsewhere), which the backward reuses. Every loss pools each
+  // side of a chunk by its own merge ('first', 'mean', 'bayes' or 'logmean', SPEC.md §3). W's weights
+  // (proj_val, proj_col_val) are float32 or float64. The backward returns the student gradient and, when
+  // proj_val_grad, the gradient in W's values on its support ([V_s, P], proj_val's dtype; empty otherwise).
   m.def(
       "pkl_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor chunks, Tensor proj_idx, "
       "Tensor proj_val, Tensor proj_col_ptr, Tensor proj_col_src, Tensor proj_col_val, float temperature, "
-      "str merge, Tensor? student_targets, Tensor? teacher_targets) -> (Tensor losses, Tensor student_lse, "
-      "Tensor teacher_lse)");
+      "str student_merge, str teacher_merge, Tensor? student_targets, Tensor? teacher_targets) -> "
+      "(Tensor losses, Tensor student_lse, Tensor teacher_lse)");
   m.def(
       "pkl_loss_bwd(Tensor grad_losses, Tensor student_logits, Tensor teacher_logits, Tensor chunks, "
       "Tensor proj_idx, Tensor proj_val, Tensor proj_col_ptr, Tensor proj_col_src, Tensor proj_col_val, "
-      "float temperature, str merge, Tensor? student_targets, Tensor? teacher_targets, Tensor student_lse, "
-      "Tensor teacher_lse) -> Tensor");
+      "float temperature, str student_merge, str teacher_merge, Tensor? student_targets, Tensor? teacher_targets, "
+      "Tensor student_lse, Tensor teacher_lse, bool proj_val_grad) -> (Tensor grad_student, Tensor grad_proj_val)");
 
   // Exact span alignment (SPEC.md §2): token end offsets and lengths of both sides -> the chunk table
   // [B, min(T_s, T_t), 4] (the first counts[b] rows of sequence b are its chunks, the rest -1), the
@@ -61,21 +135,35 @@ TORCH_LIBRARY(xtoken, m) {
   // the ranks of the sorted-L1 term (None: all). The LSEs are those of pkl_loss_fwd.
   m.def(
       "hybrid_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor chunks, Tensor pairs, "
-      "float temperature, str merge, str matched, float beta, int? uld_topk, Tensor? student_targets, "
-      "Tensor? teacher_targets) -> (Tensor losses, Tensor student_lse, Tensor teacher_lse)");
+      "float temperature, str student_merge, str teacher_merge, str matched, float beta, int? uld_topk, "
+      "Tensor? student_targets, Tensor? teacher_targets) -> (Tensor losses, Tensor student_lse, Tensor teacher_lse)");
   m.def(
       "hybrid_loss_bwd(Tensor grad_losses, Tensor student_logits, Tensor teacher_logits, Tensor chunks, "
-      "Tensor pairs, float temperature, str merge, str matched, float beta, int? uld_topk, "
-      "Tensor? student_targets, Tensor? teacher_targets, Tensor student_lse, Tensor teacher_lse) -> Tensor");
+      "Tensor pairs, float temperature, str student_merge, str teacher_merge, str matched, float beta, "
+      "int? uld_topk, Tensor? student_targets, Tensor? teacher_targets, Tensor student_lse, Tensor teacher_lse) "
+      "-> Tensor");
 
   // Same-vocabulary KD per chunk (SPEC.md §4), unreduced and without the tau^2 factor.
   m.def(
-      "kd_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor chunks, float temperature, str merge, "
-      "Tensor? student_targets, Tensor? teacher_targets) -> (Tensor losses, Tensor student_lse, "
-      "Tensor teacher_lse)");
+      "kd_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor chunks, float temperature, "
+      "str student_merge, str teacher_merge, Tensor? student_targets, Tensor? teacher_targets) -> "
+      "(Tensor losses, Tensor student_lse, Tensor teacher_lse)");
   m.def(
       "kd_loss_bwd(Tensor grad_losses, Tensor student_logits, Tensor teacher_logits, Tensor chunks, "
-      "float temperature, str merge, Tensor? student_targets, Tensor? teacher_targets, Tensor student_lse, "
+      "float temperature, str student_merge, str teacher_merge, Tensor? student_targets, Tensor? teacher_targets, "
+      "Tensor student_lse, Tensor teacher_lse) -> Tensor");
+
+  // Chain KL per chunk (SPEC.md §4), unreduced and without the tau^2 factor. The piece tables come in their
+  // sorted layout (rows sorted lexicographically, order = the token of each sorted row; see
+  // include/xtoken/chain_loss.h); the teacher's is optional. The targets are the realized next tokens.
+  m.def(
+      "chain_loss_fwd(Tensor student_logits, Tensor teacher_logits, Tensor chunks, Tensor student_pieces, "
+      "Tensor student_order, Tensor? teacher_pieces, Tensor? teacher_order, float temperature, "
+      "Tensor student_targets, Tensor teacher_targets) -> (Tensor losses, Tensor student_lse, Tensor teacher_lse)");
+  m.def(
+      "chain_loss_bwd(Tensor grad_losses, Tensor student_logits, Tensor teacher_logits, Tensor chunks, "
+      "Tensor student_pieces, Tensor student_order, Tensor? teacher_pieces, Tensor? teacher_order, "
+      "float temperature, Tensor student_targets, Tensor teacher_targets, Tensor student_lse, "
       "Tensor teacher_lse) -> Tensor");
 }
 

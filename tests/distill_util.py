@@ -14,6 +14,7 @@ from tokenizers_util import (
     DIGIT_PACKING_ROLES,
     DIGIT_SPLITTING_ROLES,
     SENTENCEPIECE_ROLES,
+    chat_tokenizer,
     digit_packing_bpe,
     digit_splitting_bpe,
     sentencepiece_bpe,
@@ -21,6 +22,16 @@ from tokenizers_util import (
 from xtoken.tokenizer import load_tokenizer
 
 TEXTS = CORPUS[:11] * 2  # 22 texts, each of the corpus sentences twice
+CHATS = [
+    {"messages": [
+        {"role": "user", "content": f"Say sentence {i}, please."}, {"role": "assistant", "content": text.strip()},
+    ]}
+    for i, text in enumerate(TEXTS)
+]  # fmt: skip
+"""22 conversations: a distinct question and one of the corpus sentences as the answer (stripped: the Llama-3
+template trims contents)."""
+CHAT_TOKENIZERS = {"digits": "chatml", "sentencepiece": "sentencepiece"}
+"""Teacher name -> its chat tokenizer (the same vocabulary as in :func:`teacher_tokenizers`, with a template)."""
 
 
 def student_tokenizer():
@@ -76,10 +87,12 @@ def teacher_lm(name: str):
     return model
 
 
-def make_teachers(names: list[str], student, loss: str = "auto") -> list[xtoken.Teacher]:
+def make_teachers(names: list[str], student, loss: str = "auto", chat: bool = False) -> list[xtoken.Teacher]:
     """Teachers by name: a key of :func:`teacher_tokenizers`, or ``"same"`` (the student's tokenizer, KD).
-    Weights 1, 1/2, 1/3, ... in order."""
+    Weights 1, 1/2, 1/3, ... in order. ``chat``: their tokenizers carry chat templates (:data:`CHAT_TOKENIZERS`)."""
     tokenizers = teacher_tokenizers()
+    if chat:
+        tokenizers = {name: chat_tokenizer(kind) for name, kind in CHAT_TOKENIZERS.items()}
     teachers = []
     for i, name in enumerate(names):
         if name == "same":
@@ -103,26 +116,44 @@ def train(
     kd_scaling="dynamic",
     save_steps: int | None = None,
     resume: str | None = None,
-    max_length: int = 48,
+    max_length: int | None = None,
+    chat: bool = False,
+    on_policy: float | None = None,
+    learning_rate: float = 1e-2,
     fused_linear: bool = False,
+    teacher_settings: dict | None = None,
 ):
-    """Train a tiny student for ``steps`` optimizer steps on :data:`TEXTS` (fixed order) and return the
-    trainer. The student, teachers and data are the same in every process."""
+    """Train a tiny student for ``steps`` optimizer steps on :data:`TEXTS` (fixed order), or with ``chat`` on
+    :data:`CHATS` (a Llama-3 template student, teachers with their own templates), and return the trainer. With
+    ``on_policy`` the student samples up to 8 tokens per answer. The student, teachers and data are the same in
+    every process. ``max_length`` defaults to 48 tokens (96 for chat: the templates take room). ``teacher_settings``:
+    Teacher attributes set on every teacher with a projection (e.g. ``loss``, ``merge``, ``learn_projection``)."""
     from transformers import TrainingArguments
 
-    student_tok = student_tokenizer()
+    max_length = max_length or (96 if chat else 48)
+    student_tok = chat_tokenizer("llama3") if chat else student_tokenizer()
     student = tiny_lm(len(student_tok), seed=0)
     args = TrainingArguments(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation, learning_rate=1e-2, lr_scheduler_type="constant",
+        gradient_accumulation_steps=accumulation, learning_rate=learning_rate, lr_scheduler_type="constant",
         logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, data_seed=0,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None, dataloader_drop_last=True,
         ddp_find_unused_parameters=False,
     )  # fmt: skip
+    extra = {}
+    if on_policy is not None:
+        eos = student_tok.eos_token_id if chat else student_tok.roles["eos"]
+        extra = dict(on_policy=on_policy, generation_config={"max_new_tokens": 8, "eos_token_id": eos})
+    teacher_list = make_teachers(teachers, student_tok, chat=chat)
+    for teacher in teacher_list:
+        if teacher.projection is not None:
+            for key, value in (teacher_settings or {}).items():
+                setattr(teacher, key, value)
     trainer = xtoken.DistillationTrainer(
-        student, args, teachers=make_teachers(teachers, student_tok), student_tokenizer=student_tok,
-        kd_scaling=kd_scaling, max_length=max_length, train_dataset=TEXTS, fused_linear=fused_linear,
+        student, args, teachers=teacher_list, student_tokenizer=student_tok,
+        kd_scaling=kd_scaling, max_length=max_length, train_dataset=CHATS if chat else TEXTS, fused_linear=fused_linear,
+        **extra,
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -131,7 +162,7 @@ def train(
 def training_logs(trainer) -> list[dict[str, float]]:
     """The per-step training logs, without the timing-dependent entries."""
     return [
-        {k: v for k, v in entry.items() if k != "tokens_per_second"}
+        {k: v for k, v in entry.items() if k not in ("tokens_per_second", "generation_seconds")}
         for entry in trainer.state.log_history
         if "loss" in entry
     ]

@@ -1,7 +1,8 @@
 """Run by ``torchrun --nproc_per_node 2`` from test_trainer.py: the shared tiny distillation run under CPU
 data parallelism (gloo). Rank 0 writes the training logs and a checksum of the final weights as JSON.
 
-Usage: distill_worker.py OUTPUT_JSON PER_RANK_BATCH TEACHER [TEACHER ...]
+Usage: distill_worker.py OUTPUT_JSON PER_RANK_BATCH [--on-policy LMBDA] TEACHER [TEACHER ...]
+(``--on-policy``: the chat run, a share LMBDA of its steps on-policy).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from distill_util import train, training_logs
 
 def main() -> None:
     output, batch_size, teachers = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    options = {}
+    if teachers[0] == "--on-policy":
+        options, teachers = dict(chat=True, on_policy=float(teachers[1])), teachers[2:]
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
-        trainer = train(folder, teachers=teachers, batch_size=batch_size)
+        trainer = train(folder, teachers=teachers, batch_size=batch_size, **options)
     if trainer.accelerator.num_processes != 2:
         raise SystemExit(f"expected 2 ranks, got {trainer.accelerator.num_processes}")
     if trainer.is_world_process_zero():

@@ -257,8 +257,10 @@ def test_bad_input_is_named():
         align_spans(ends, three, good, three).table()
     with pytest.raises(ValueError, match=r"teacher_lengths\[0\] = 4 is outside \[0, 3\]"):
         align_spans(good, three, good, torch.tensor([4])).table()
+    with pytest.raises(TypeError, match="student_ends: expected an integer tensor, got dtype torch.float32"):
+        align_spans(good.float(), three, good, three)
     with pytest.raises(RuntimeError, match="student_ends: expected an int32"):
-        align_spans(good.long(), three, good, three)
+        torch.ops.xtoken.align_spans(good.long(), three.int(), False, good, three.int(), False)
     with pytest.raises(RuntimeError, match="teacher_ends: expected the batch size B = 1"):
         align_spans(good, three, good.repeat(2, 1), three.repeat(2))
     with pytest.raises(ValueError, match="padding_side"):
@@ -346,7 +348,9 @@ def surface(tokenizer: Tokenizer, token_id: int) -> bytes:
 TEXT_PIECES = [" ", "  ", "\n", "\t", "1", "23", "2024", "é", "中", "😀", "👍🏽", "a", "the", "Hello", ".", ","]
 texts_strategy = st.lists(
     st.lists(
-        st.one_of(st.sampled_from(TEXT_PIECES), st.characters(blacklist_categories=("Cs",))), max_size=25
+        # "▁" is excluded: a SentencePiece tokenizer reads it as a space, so no token stands for its own bytes.
+        st.one_of(st.sampled_from(TEXT_PIECES), st.characters(blacklist_categories=("Cs",), blacklist_characters="▁")),
+        max_size=25,
     ).map("".join),
     min_size=1,
     max_size=4,

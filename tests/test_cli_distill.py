@@ -99,3 +99,31 @@ def test_distill_reports_bad_input_in_one_line(disk, tmp_path, capsys, change, m
 def test_resume_without_checkpoint(disk, tmp_path, capsys):
     assert _distill(disk, tmp_path / "empty", "--steps", "1", "--resume") == 2
     assert "--resume: no checkpoint in" in capsys.readouterr().err
+
+
+def test_distill_on_conversations_with_on_policy_steps(disk, tmp_path, capsys):
+    from distill_util import CHATS
+    from tokenizers_util import chat_tokenizer
+
+    student_tok, teacher_tok = chat_tokenizer("llama3"), chat_tokenizer("chatml")
+    student, teacher = tmp_path / "student", tmp_path / "teacher"
+    tiny_lm(len(student_tok), seed=0).save_pretrained(student)
+    student_tok.save_pretrained(student)
+    teacher_lm("digits").save_pretrained(teacher)  # the digit-splitting vocabulary, with a ChatML template
+    teacher_tok.save_pretrained(teacher)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in CHATS), encoding="utf-8")
+    assert main([
+        "distill", "--student", str(student), "--teacher", f"{teacher}:1:pkl", "--data", str(data),
+        "--output", str(tmp_path / "run"), "--batch-size", "4", "--max-length", "96", "--steps", "2",
+        "--logging-steps", "1", "--on-policy", "1", "--max-new-tokens", "6",
+    ]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert printed.count("'on_policy_share': '1'") == 2 and "completion_length" in printed
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps(CHATS[0]) + "\n", encoding="utf-8")
+    options = ["--student", str(student), "--teacher", str(teacher), "--output", str(tmp_path / "bad")]
+    assert main(["distill", *options, "--data", str(mixed)]) == 2
+    assert "mixed.jsonl:2: texts and conversations are mixed" in capsys.readouterr().err
+    assert main(["distill", *options, "--data", disk["data"], "--on-policy", "1", "--steps", "1"]) == 2
+    assert "on_policy: needs conversation data" in capsys.readouterr().err

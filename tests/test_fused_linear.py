@@ -1,6 +1,6 @@
 """Fused linear losses: hidden states and lm_head weights in, against the unfused path (``F.linear`` logits
-into the same loss, plus ``F.cross_entropy``) for every loss, merge, reduction and chunk shape; the block
-plan; bf16; op registration, torch.compile and bad inputs."""
+into the same loss, plus ``F.cross_entropy``) for every loss, merge, reduction and chunk shape; a learned W;
+the block plan; bf16; op registration, torch.compile and bad inputs."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICES, assert_close_ratio, rel_error, requires_cuda
+from test_chain_loss import random_tables
 
 import xtoken
 from xtoken import fused_linear
 from xtoken.testing import random_chunks, random_pairs, random_projection, random_targets
 
-LOSSES = ["pkl", "gold", "hkl", "uld", "kd"]
-MERGES = ["first", "mean", "bayes"]
+LOSSES = ["pkl", "gold", "hkl", "uld", "kd", "chain", "pkl_chain"]
+CHAIN = ("chain", "pkl_chain")  # the chain reads targets from the piece tables' small alphabet
+MERGES = ["first", "mean", "bayes", "logmean", xtoken.NEMO_MERGE, ("bayes", "first")]
 
 
 class Case:
@@ -40,9 +42,14 @@ class Case:
         self.ce[::4] = -100
         self.W = random_projection(V_s, V_t, generator=g)
         self.pairs = random_pairs(V_s, V_t, min(40, V_s // 3), generator=g).to(device)
+        self.pieces = xtoken.PieceTables(*random_tables(V_s, V_t, 4, generator=g))
+        if loss in CHAIN:  # realized pieces from the tables' alphabet, so that deeper levels find members
+            self.ts = torch.randint(0, 7, (batch * T_s,), generator=g).to(device)
+            self.tt = torch.randint(0, 7, (batch * T_t,), generator=g).to(device)
 
     def mapping(self):
-        return {"pkl": (self.W,), "gold": (self.pairs,), "hkl": (self.pairs,), "uld": (), "kd": ()}[self.loss]
+        return {"pkl": (self.W,), "gold": (self.pairs,), "hkl": (self.pairs,), "uld": (), "kd": (),
+                "chain": (self.pieces,), "pkl_chain": (self.W, self.pieces)}[self.loss]
 
     def student(self, dtype=None):
         return [t.detach().to(dtype or t.dtype).clone().requires_grad_() for t in (self.hs, self.Ws, self.bs)]
@@ -93,8 +100,8 @@ def assert_fused_matches(case, *, tol=1e-5, **options):
 
 
 def loss_options(loss, merge, case):
-    options = dict(merge=merge, temperature=1.5)
-    if merge == "bayes":
+    options = dict(merge="first" if loss == "chain" else merge, temperature=1.5)
+    if "bayes" in merge or loss in CHAIN:
         options.update(student_targets=case.ts, teacher_targets=case.tt)
     if loss in ("gold", "hkl"):
         options.update(matched="jsd", beta=0.3, uld_topk=50)
@@ -102,8 +109,9 @@ def loss_options(loss, merge, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("merge", MERGES)
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize(
+    "loss, merge", [(loss, merge) for loss in LOSSES for merge in (["first"] if loss == "chain" else MERGES)],
+)
 def test_float32_matches_unfused(device, loss, merge):
     case = Case(loss, device=device)
     assert_fused_matches(case, block_rows=8, **loss_options(loss, merge, case))
@@ -116,11 +124,38 @@ def test_reductions_with_cross_entropy(loss, reduction):
     assert_fused_matches(case, block_rows=6, reduction=reduction, with_ce=True, **loss_options(loss, "mean", case))
 
 
+@pytest.mark.parametrize("loss", ["pkl", "chain"])
 @pytest.mark.parametrize("block_rows", [1, 5, 64, 10_000])
-def test_any_block_size_gives_the_same_result(block_rows):
-    # 1: every chunk alone (M:N chunks exceed the block); 10,000: a single block.
-    case = Case("pkl")
-    assert_fused_matches(case, block_rows=block_rows, with_ce=True, merge="mean")
+def test_any_block_size_gives_the_same_result(loss, block_rows):
+    # 1: every chunk alone (M:N chunks exceed the block); 10,000: a single block. The chain reads the teacher
+    # row after a 1:1 or 1:N chunk, which its block must hold.
+    case = Case(loss)
+    assert_fused_matches(case, block_rows=block_rows, with_ce=True, **loss_options(loss, "mean", case))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_learned_projection_gets_the_gradient_of_the_unfused_path(reduction):
+    # W's values are trained through P-KL: their gradient is summed over the blocks (and the CE gives none).
+    case = Case("pkl", dtype=torch.float64)
+    grads = []
+    for fn, options in ((fused, dict(block_rows=5)), (unfused, {})):
+        learned = xtoken.nn.LearnedProjection(case.W).double()
+        student = case.student()
+        hs, Ws, bs = student
+        if fn is fused:
+            loss, ce = xtoken.fused_linear_pkl_loss(hs, Ws, case.ht, case.Wt, case.chunks, learned, student_bias=bs,
+                                                    teacher_bias=case.bt, ce_targets=case.ce, merge=xtoken.NEMO_MERGE,
+                                                    reduction=reduction, **options)
+        else:
+            zs = F.linear(hs, Ws, bs)
+            loss = xtoken.pkl_loss(zs, F.linear(case.ht, case.Wt, case.bt), case.chunks, learned,
+                                   merge=xtoken.NEMO_MERGE, reduction=reduction)
+            ce = F.cross_entropy(zs, case.ce, ignore_index=-100, reduction=reduction)
+        (2.0 * loss.sum() + 3.0 * ce.sum()).backward()
+        grads.append([learned.theta.grad, *(t.grad for t in student)])
+    assert grads[0][0].abs().sum() > 0
+    for name, a, b in zip(["theta", "hidden", "weight", "bias"], *grads):
+        assert rel_error(a, b) <= 1e-12, f"grad {name}: {rel_error(a, b):.2e}"
 
 
 def test_three_dimensional_hidden_states():
@@ -201,11 +236,12 @@ def test_no_chunks(loss):
     case = Case(loss)
     case.chunks = case.chunks[:0]
     student = case.student()
-    out = fused(case, student, block_rows=8)
+    targets = dict(student_targets=case.ts, teacher_targets=case.tt) if loss in CHAIN else {}
+    out = fused(case, student, block_rows=8, **targets)
     out.backward()
     assert float(out.detach()) == 0.0 and all(torch.equal(t.grad, torch.zeros_like(t)) for t in student)
     # With CE, the CE alone.
-    assert_fused_matches(case, block_rows=8, with_ce=True)
+    assert_fused_matches(case, block_rows=8, with_ce=True, **targets)
 
 
 def test_rows_outside_chunks_get_no_gradient_and_results_are_deterministic():
@@ -289,28 +325,40 @@ def test_default_block_rows():
 # Registration, modules, bad inputs
 
 
-def _op_args(case, kernel_options, ce, reduction, needs_grad, term_weights=(1.0,)):
+def _op_args(case, kernel_options, ce, reduction, needs_grad, term_weights=(1.0,), targets=(None, None)):
     hs, Ws, bs = case.student()
     return (hs.detach().requires_grad_(any(needs_grad)), Ws, bs, case.ht, case.Wt, case.bt, case.chunks,
-            *kernel_options, None, None, ce, list(term_weights), reduction, 8, torch.float32, needs_grad, None, None)
+            *kernel_options, *targets, ce, list(term_weights), reduction, 8, torch.float32, needs_grad, None, None)
 
 
-@pytest.mark.parametrize("kernel", ["pkl_loss", "hybrid_loss", "kd_loss"])
+@pytest.mark.parametrize("kernel", ["pkl_loss", "learned_pkl_loss", "hybrid_loss", "kd_loss", "chain_loss"])
 def test_opcheck(kernel):
     case = Case("kd" if kernel == "kd_loss" else "pkl")
-    kernel_options = {
-        "pkl_loss": (*case.W.kernel_args(case.Wt.shape[0]), 1.0, "first"),
-        "hybrid_loss": (case.pairs, 1.0, "mean", "kl", 0.5, 20),
-        "kd_loss": (1.0, "first"),
-    }[kernel]
+    targets = (None, None)
+    if kernel == "learned_pkl_loss":  # W's values receive a gradient
+        idx, val, *columns = xtoken.nn.LearnedProjection(case.W).kernel_args(case.Wt.shape[0])
+        kernel_options = (idx, val.detach().requires_grad_(), *columns, 1.0, "mean", "logmean")
+    else:
+        kernel_options = {
+            "pkl_loss": (*case.W.kernel_args(case.Wt.shape[0]), 1.0, "first", "first"),
+            "hybrid_loss": (case.pairs, 1.0, "mean", "logmean", "kl", 0.5, 20),
+            "kd_loss": (1.0, "first", "mean"),
+            "chain_loss": (*case.pieces.kernel_args(case.Ws.shape[0], case.Wt.shape[0]), 1.0),
+        }[kernel]
+    if kernel == "chain_loss":
+        targets = (torch.randint(0, 7, case.ts.shape), torch.randint(0, 7, case.tt.shape))
     weights = (0.4, 0.6) if kernel == "hybrid_loss" else (1.0,)
-    op = getattr(torch.ops.xtoken, f"fused_linear_{kernel}").default
+    learned = kernel == "learned_pkl_loss"
+    op = getattr(torch.ops.xtoken, f"fused_linear_{kernel.removeprefix('learned_')}").default
     for ce in (None, case.ce):
-        torch.library.opcheck(op, _op_args(case, kernel_options, ce, "none", [True, True, True], weights))
-        torch.library.opcheck(op, _op_args(case, kernel_options, ce, "sum", [False, False, False], weights))
+        def args(reduction, grads):
+            return _op_args(case, kernel_options, ce, reduction, [grads] * 3 + [grads and learned], weights, targets)
+
+        torch.library.opcheck(op, args("none", True))
+        torch.library.opcheck(op, args("sum", False))
         # With gradients precomputed in the forward, the eager backward scales those outputs in place, which
         # the AOT-dispatch test sees as a difference; torch.compile is tested end to end below.
-        torch.library.opcheck(op, _op_args(case, kernel_options, ce, "mean", [True, True, True], weights),
+        torch.library.opcheck(op, args("mean", True),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -358,11 +406,17 @@ def test_modules_match_functional(loss):
         "hkl": lambda: xtoken.nn.FusedLinearHKLLoss(case.pairs, temperature=2.0, block_rows=8),
         "uld": lambda: xtoken.nn.FusedLinearULDLoss(temperature=2.0, block_rows=8),
         "kd": lambda: xtoken.nn.FusedLinearKDLoss(temperature=2.0, block_rows=8),
+        "chain": lambda: xtoken.nn.FusedLinearChainLoss(case.pieces, temperature=2.0, block_rows=8),
     }
+    if loss not in modules:
+        pytest.skip(f"{loss} has no module (nor has its unfused form)")
     module = modules[loss]()
     hs, Ws, bs = case.student()
-    got = module(hs, Ws, case.ht, case.Wt, case.chunks, student_bias=bs, teacher_bias=case.bt, ce_targets=case.ce)
-    expected = fused(case, case.student(), with_ce=True, temperature=2.0, block_rows=8)
+    targets = (case.ts, case.tt) if loss in CHAIN else ()
+    got = module(hs, Ws, case.ht, case.Wt, case.chunks, *targets, student_bias=bs, teacher_bias=case.bt,
+                 ce_targets=case.ce)
+    expected = fused(case, case.student(), with_ce=True, temperature=2.0, block_rows=8,
+                     **dict(zip(["student_targets", "teacher_targets"], targets)))
     torch.testing.assert_close(got, expected)
 
 
@@ -395,14 +449,28 @@ def test_bad_inputs_raise():
         call(ce_targets=torch.full((46,), 97))
     with pytest.raises(ValueError, match="ce_targets: expected one target per student row"):
         call(ce_targets=torch.zeros(45, dtype=torch.long))
-    with pytest.raises(ValueError, match="block_rows: expected None or an int >= 1"):
+    with pytest.raises(ValueError, match="block_rows: expected an integer >= 1, got 0"):
         call(block_rows=0)
+    with pytest.raises(TypeError, match="block_rows: expected an integer"):
+        call(block_rows=2.0)
     with pytest.raises(RuntimeError, match="merge='bayes' needs"):
         call(merge="bayes")
     with pytest.raises(ValueError, match="temperature"):
         call(temperature=0.0)
     with pytest.raises(RuntimeError, match="share one vocabulary"):
         xtoken.fused_linear_kd_loss(hs, Ws, case.ht, case.Wt, case.chunks)
+    with pytest.raises(ValueError, match="merge: expected"):
+        call(merge=("mean", "median"))
+    with pytest.raises(TypeError, match="projection: expected an xtoken.Projection or xtoken.nn.LearnedProjection"):
+        call(projection=case.W.val)
+    with pytest.raises(ValueError, match="needs student_targets and teacher_targets"):
+        xtoken.fused_linear_chain_loss(hs, Ws, case.ht, case.Wt, case.chunks, case.pieces)
+    with pytest.raises(ValueError, match="merge: the chain loss reads every row of a chunk itself"):
+        xtoken.fused_linear_chain_loss(hs, Ws, case.ht, case.Wt, case.chunks, case.pieces, merge="mean",
+                                       student_targets=case.ts, teacher_targets=case.tt)
+    with pytest.raises(TypeError, match="pieces: expected an xtoken.PieceTables"):
+        xtoken.fused_linear_chain_loss(hs, Ws, case.ht, case.Wt, case.chunks, case.W, student_targets=case.ts,
+                                       teacher_targets=case.tt)
 
 
 @requires_cuda

@@ -9,7 +9,7 @@ from conftest import DEVICES, assert_close_ratio, rel_error, requires_cuda
 
 import xtoken
 from xtoken import reference
-from xtoken.testing import random_chunks, random_targets
+from xtoken.testing import loss_and_grad, random_chunks, random_targets
 
 MERGES = ["first", "mean", "bayes"]
 
@@ -144,11 +144,11 @@ def test_opcheck():
     zs, zt, chunks, ts, tt = make_case(V=19, batch=1, T_s=9, T_t=11)
     for merge, targets in (("first", (None, None)), ("bayes", (ts, tt))):
         for requires_grad in (False, True):
-            args = (zs.clone().requires_grad_(requires_grad), zt, chunks, 1.0, merge, *targets)
+            args = (zs.clone().requires_grad_(requires_grad), zt, chunks, 1.0, merge, merge, *targets)
             torch.library.opcheck(torch.ops.xtoken.kd_loss_fwd.default, args)
-    losses, lse_s, lse_t = torch.ops.xtoken.kd_loss_fwd(zs, zt, chunks, 1.0, "mean", None, None)
+    losses, lse_s, lse_t = torch.ops.xtoken.kd_loss_fwd(zs, zt, chunks, 1.0, "mean", "mean", None, None)
     torch.library.opcheck(torch.ops.xtoken.kd_loss_bwd.default,
-                          (torch.rand_like(losses), zs, zt, chunks, 1.0, "mean", None, None, lse_s, lse_t))
+                          (torch.rand_like(losses), zs, zt, chunks, 1.0, "mean", "mean", None, None, lse_s, lse_t))
 
 
 def test_torch_compile_fullgraph():
@@ -199,12 +199,10 @@ def test_nan_logits_give_nan_loss(device):
 @pytest.mark.parametrize("merge", MERGES)
 def test_cuda_matches_cpu_kernel(dtype, merge):
     zs, zt, chunks, ts, tt = make_case(V=5003, batch=3, T_s=33, T_t=41, dtype=dtype)
-    out = []
-    for device in ("cpu", "cuda"):
-        z = zs.to(device).requires_grad_()
-        loss = xtoken.kd_loss(z, zt.to(device), chunks.to(device), merge=merge, reduction="none",
-                              student_targets=ts.to(device), teacher_targets=tt.to(device))
-        (2 * loss.sum()).backward()
-        out.append((loss.cpu(), z.grad.cpu()))
+
+    def loss_fn(z, zt, chunks, ts, tt):
+        return xtoken.kd_loss(z, zt, chunks, merge=merge, reduction="none", student_targets=ts, teacher_targets=tt)
+
+    out = [loss_and_grad(loss_fn, zs, zt, chunks, ts, tt, device=device) for device in ("cpu", "cuda")]
     assert rel_error(out[1][0], out[0][0].double()) <= 1e-5
     assert rel_error(out[1][1].float(), out[0][1].float()) <= (1e-5 if dtype == torch.float32 else 1e-2)

@@ -8,7 +8,7 @@ from conftest import DEVICES, assert_close_ratio, rel_error, requires_cuda
 
 import xtoken
 from xtoken import reference
-from xtoken.testing import random_chunks, random_projection, random_targets
+from xtoken.testing import loss_and_grad, random_chunks, random_projection, random_targets
 
 MERGES = ["first", "mean", "bayes"]
 
@@ -188,13 +188,14 @@ def test_opcheck():
     for merge, targets in (("first", (None, None)), ("bayes", (ts, tt))):
         for requires_grad in (False, True):
             args = (zs.clone().requires_grad_(requires_grad), zt, chunks, *W.kernel_args(zt.shape[1]), 1.0, merge,
-                    *targets)
+                    merge, *targets)
             torch.library.opcheck(torch.ops.xtoken.pkl_loss_fwd.default, args)
     losses, lse_s, lse_t = torch.ops.xtoken.pkl_loss_fwd(zs, zt, chunks, *W.kernel_args(zt.shape[1]), 1.0, "mean",
-                                                         None, None)
-    bwd_args = (torch.rand_like(losses), zs, zt, chunks, *W.kernel_args(zt.shape[1]), 1.0, "mean", None, None,
-                lse_s, lse_t)
-    torch.library.opcheck(torch.ops.xtoken.pkl_loss_bwd.default, bwd_args)
+                                                         "mean", None, None)
+    for proj_val_grad in (False, True):
+        bwd_args = (torch.rand_like(losses), zs, zt, chunks, *W.kernel_args(zt.shape[1]), 1.0, "mean", "mean", None,
+                    None, lse_s, lse_t, proj_val_grad)
+        torch.library.opcheck(torch.ops.xtoken.pkl_loss_bwd.default, bwd_args)
 
 
 def test_torch_compile_fullgraph():
@@ -226,7 +227,7 @@ def test_module_matches_functional():
 
 
 def _raw_args(zs, zt, chunks, W):
-    return [zs, zt, chunks, *W.kernel_args(zt.shape[1]), 1.0, "first", None, None]
+    return [zs, zt, chunks, *W.kernel_args(zt.shape[1]), 1.0, "first", "first", None, None]
 
 
 @pytest.mark.parametrize(
@@ -308,7 +309,8 @@ def test_bad_temperature_raises(temperature):
     with pytest.raises(ValueError, match="temperature"):
         xtoken.pkl_loss(zs, zt, chunks, W, temperature=temperature)
     with pytest.raises(RuntimeError, match="temperature"):
-        torch.ops.xtoken.pkl_loss_fwd(zs, zt, chunks, *W.kernel_args(zt.shape[1]), temperature, "first", None, None)
+        torch.ops.xtoken.pkl_loss_fwd(zs, zt, chunks, *W.kernel_args(zt.shape[1]), temperature, "first", "first", None,
+                                          None)
 
 
 def test_bad_options_raise():
@@ -349,13 +351,11 @@ def test_nan_logits_give_nan_loss(device, side):
 @pytest.mark.parametrize("merge", MERGES)
 def test_cuda_matches_cpu_kernel(dtype, merge):
     zs, zt, chunks, W, ts, tt = make_case(V_s=5003, V_t=6007, batch=3, T_s=33, T_t=41, dtype=dtype)
-    out = []
-    for device in ("cpu", "cuda"):
-        z = zs.to(device).requires_grad_()
-        loss = xtoken.pkl_loss(z, zt.to(device), chunks.to(device), W, merge=merge, reduction="none",
-                               student_targets=ts.to(device), teacher_targets=tt.to(device))
-        (2 * loss.sum()).backward()
-        out.append((loss.cpu(), z.grad.cpu()))
+
+    def loss_fn(z, zt, chunks, ts, tt):
+        return xtoken.pkl_loss(z, zt, chunks, W, merge=merge, reduction="none", student_targets=ts, teacher_targets=tt)
+
+    out = [loss_and_grad(loss_fn, zs, zt, chunks, ts, tt, device=device) for device in ("cpu", "cuda")]
     assert rel_error(out[1][0], out[0][0].double()) <= 1e-5
     assert rel_error(out[1][1].float(), out[0][1].float()) <= (1e-5 if dtype == torch.float32 else 1e-2)
 

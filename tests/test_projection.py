@@ -452,6 +452,6 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 
     out = str(tmp_path / "W.safetensors")
     assert main(["projection", "build", "--student", "nope", "--teacher", "nope", "-o", out]) == 2
-    assert "error: tokenizer 'nope': no such file or folder" in capsys.readouterr().err
+    assert "error: --student: tokenizer 'nope': no such file or folder" in capsys.readouterr().err
     assert main(["projection", "audit", str(tmp_path / "missing.safetensors")]) == 2
     assert capsys.readouterr().err.startswith("error: ")

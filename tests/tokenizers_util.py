@@ -140,3 +140,52 @@ def save_pretrained(tokenizer: Tokenizer, folder: Path, roles: dict[str, str]) -
     config = {f"{role}_token": token for role, token in roles.items()}
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
+
+
+# Chat templates as models ship them (written here, not taken from the package): Llama-3's header template with
+# BOS (it trims contents, like the original), ChatML as Qwen writes it (no BOS), and a Llama-2 style [INST]
+# template for the SentencePiece tokenizer (plain-text markers, BOS, EOS after each answer).
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+INST_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- endfor %}"
+)
+LLAMA3_CHAT_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+@functools.cache
+def chat_tokenizer(kind: str):
+    """A transformers fast tokenizer with a chat template, built on the tokenizers above: ``"llama3"`` (the
+    digit-packing BPE with Llama-3's header tokens added; eos = <|eot_id|>), ``"chatml"`` (the digit-splitting BPE;
+    eos = <|im_end|>) or ``"sentencepiece"`` (the INST template). Treat it as read-only."""
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "llama3":
+        tokenizer = Tokenizer.from_str(digit_packing_bpe().to_str())
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_CHAT_SPECIALS])
+        roles = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
+        template = LLAMA3_TEMPLATE
+    elif kind == "chatml":
+        tokenizer = digit_splitting_bpe()
+        roles, template = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"), CHATML_TEMPLATE
+    elif kind == "sentencepiece":
+        tokenizer = sentencepiece_bpe()
+        roles, template = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"), INST_TEMPLATE
+    else:
+        raise ValueError(f"kind: expected 'llama3', 'chatml' or 'sentencepiece', got {kind!r}")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=template, **roles)

@@ -2,9 +2,9 @@
 the X-Token paper's finding (GOLD hurts numerals when the teacher splits digits; P-KL fixes it)?
 
 Runs the demo's default budget once per seed (each seed draws its own corpus, tokenizers, teacher and
-student initialization), with one more student as a diagnostic: P-KL through a W that keeps only the
-leading piece of each decomposition (``Projection.build(..., max_pieces=1)``: "172" -> "1" with weight 1
-instead of 0.909), which removes W's preference for the lone digit "1" over the numeral "172". It writes,
+student initialization) with every method of ``xtoken.demo.METHODS``: the two controls (students on the
+teacher's tokenizer, CE only and CE + same-tokenizer KD), CE only, GOLD, H-KL, P-KL (``first``, NeMo's merge,
+learned W), the chain KL and P-KL + chain. ``--methods`` runs a subset (one command per variant). It writes,
 next to this file:
 
 - ``results.md``: exact-match accuracy per method, mean, spread (lowest-highest seed) and every seed,
@@ -31,9 +31,7 @@ from pathlib import Path
 
 import torch
 
-from xtoken.demo import SETTINGS, DemoResult, StudentVariant, plot_accuracy, run_demo
-
-LEADING_PIECE = StudentVariant("CE+P-KL, W leading piece only", "pkl", {"max_pieces": 1})
+from xtoken.demo import METHODS, SETTINGS, DemoResult, plot_accuracy, run_demo
 
 HERE = Path(__file__).parent
 
@@ -74,6 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2, help="students trained at once (default 2)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="student methods (default: all)")
     parser.add_argument("--output", default=str(HERE), help="folder for results.md/json and accuracy.png")
     args = parser.parse_args()
     output = Path(args.output)
@@ -83,7 +83,7 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         print(f"=== seed {seed}")
-        results.append(run_demo(settings, seed, extra_students=[LEADING_PIECE], workers=args.workers))
+        results.append(run_demo(settings, seed, methods=args.methods, workers=args.workers))
     minutes = (time.perf_counter() - start) / 60
     table = summarize(results)
     held_out = settings.test_problems

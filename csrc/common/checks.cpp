@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceType.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <sstream>
 
 #ifdef XTOKEN_WITH_CUDA
@@ -42,8 +44,8 @@ void check_projection_layout(const at::Tensor& idx, const at::Tensor& val, const
                              const at::Tensor& col_src, const at::Tensor& col_val, int64_t V_s, int64_t V_t) {
   TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 2,
               "projection idx: expected an int32 [V_s, P] tensor, got ", idx.scalar_type(), " ", idx.sizes());
-  TORCH_CHECK(val.scalar_type() == at::kFloat && val.sizes() == idx.sizes(),
-              "projection val: expected a float32 tensor shaped like idx ", idx.sizes(), ", got ",
+  TORCH_CHECK((val.scalar_type() == at::kFloat || val.scalar_type() == at::kDouble) && val.sizes() == idx.sizes(),
+              "projection val: expected a float32 (or float64) tensor shaped like idx ", idx.sizes(), ", got ",
               val.scalar_type(), " ", val.sizes());
   TORCH_CHECK(idx.size(0) == V_s, "projection: W has ", idx.size(0),
               " student rows but the student logits have V_s = ", V_s,
@@ -55,9 +57,9 @@ void check_projection_layout(const at::Tensor& idx, const at::Tensor& val, const
               " (build the transpose for this teacher width: projection.transposed(V_t))");
   TORCH_CHECK(col_src.scalar_type() == at::kInt && col_src.dim() == 1,
               "projection col_src: expected int32 [nnz], got ", col_src.scalar_type(), " ", col_src.sizes());
-  TORCH_CHECK(col_val.scalar_type() == at::kFloat && col_val.sizes() == col_src.sizes(),
-              "projection col_val: expected float32 shaped like col_src ", col_src.sizes(), ", got ",
-              col_val.scalar_type(), " ", col_val.sizes());
+  TORCH_CHECK(col_val.scalar_type() == val.scalar_type() && col_val.sizes() == col_src.sizes(),
+              "projection col_val: expected the dtype of val (", val.scalar_type(), ") shaped like col_src ",
+              col_src.sizes(), ", got ", col_val.scalar_type(), " ", col_val.sizes());
   TORCH_CHECK(col_src.size(0) <= idx.numel(), "projection: the transpose holds ", col_src.size(0),
               " entries but W has only ", idx.numel(), " slots");
 }
@@ -67,11 +69,12 @@ void check_temperature(double temperature) {
               "temperature: expected a finite value > 0, got ", temperature);
 }
 
-Merge parse_merge(c10::string_view merge) {
+Merge parse_merge(c10::string_view merge, const char* name) {
   if (merge == "first") return Merge::First;
   if (merge == "mean") return Merge::Mean;
   if (merge == "bayes") return Merge::Bayes;
-  TORCH_CHECK(false, "merge: expected 'first', 'mean' or 'bayes', got '", std::string(merge), "'");
+  if (merge == "logmean") return Merge::LogMean;
+  TORCH_CHECK(false, name, ": expected 'first', 'mean', 'bayes' or 'logmean', got '", std::string(merge), "'");
 }
 
 void check_targets(const c10::optional<at::Tensor>& targets, const char* name, int64_t rows, Merge merge) {
@@ -84,7 +87,7 @@ void check_targets(const c10::optional<at::Tensor>& targets, const char* name, i
 
 namespace {
 
-enum CheckKind { kChunk = 0, kRange = 1, kOffset = 2, kFinite = 3, kBayes = 4, kDistinct = 5 };
+enum CheckKind { kChunk = 0, kRange = 1, kOffset = 2, kFinite = 3, kBayes = 4, kDistinct = 5, kSorted = 6 };
 
 #define XT_DISPATCH_VALIDATE(fn, ...)                            \
   (device_.is_cuda() ? XT_VALIDATE_CUDA(fn, __VA_ARGS__)         \
@@ -107,9 +110,42 @@ bool capturing(const at::Device& device) {
   return false;
 }
 
+ContentCheckMode initial_content_check_mode() {
+  const char* env = std::getenv("XTOKEN_CONTENT_CHECKS");
+  const std::string value = env == nullptr ? "" : env;
+  TORCH_CHECK(value.empty() || value == "auto" || value == "always",
+              "XTOKEN_CONTENT_CHECKS: expected 'auto' or 'always', got '", value, "'");
+  return value == "always" ? ContentCheckMode::Always : ContentCheckMode::Auto;
+}
+
+std::atomic<ContentCheckMode>& mode_slot() {
+  static std::atomic<ContentCheckMode> slot(initial_content_check_mode());
+  return slot;
+}
+
+thread_local bool skip_scope = false;
+
 }  // namespace
 
-ContentChecks::ContentChecks(const at::Device& device) : device_(device), skip_(capturing(device)) {}
+ContentCheckMode content_check_mode() { return mode_slot().load(); }
+
+ContentCheckMode set_content_check_mode(ContentCheckMode mode) { return mode_slot().exchange(mode); }
+
+bool skip_content_checks() { return skip_scope; }
+
+bool set_skip_content_checks(bool skip) {
+  const bool previous = skip_scope;
+  skip_scope = skip;
+  return previous;
+}
+
+bool content_checks_run(const at::Device& device) {
+  if (!device.is_cuda()) return true;
+  if (capturing(device)) return false;
+  return content_check_mode() == ContentCheckMode::Always || !skip_scope;
+}
+
+ContentChecks::ContentChecks(const at::Device& device) : device_(device), skip_(!content_checks_run(device)) {}
 
 void ContentChecks::chunks(const at::Tensor& chunks, int64_t N_s, int64_t N_t, bool disjoint) {
   if (skip_ || chunks.size(0) == 0) return;
@@ -147,6 +183,18 @@ void ContentChecks::distinct(const at::Tensor& t, std::string what) {
   pending_.push_back({what + ": each id may appear at most once", sorted.slice(0, 1), kDistinct});
 }
 
+void ContentChecks::sorted_rows(const at::Tensor& t, std::string what) {
+  if (skip_ || t.size(0) < 2) return;
+  // Row r+1 is out of order when the first column where it differs from row r holds a smaller value.
+  const at::Tensor diff = t.slice(0, 1).to(at::kLong) - t.slice(0, 0, -1).to(at::kLong);
+  const at::Tensor differs = diff.ne(0);
+  const at::Tensor first_col = differs.to(at::kInt).argmax(1, /*keepdim=*/true);
+  const at::Tensor bad = differs.any(1).logical_and(diff.gather(1, first_col).squeeze(1).lt(0)).to(at::kInt);
+  const at::Tensor none = at::scalar_tensor(-1, bad.options().dtype(at::kLong));
+  first_bad_.push_back(at::where(bad.any(), bad.argmax() + 1, none));
+  pending_.push_back({what + ": the rows must be sorted lexicographically", t, kSorted});
+}
+
 void ContentChecks::finite_nonnegative(const at::Tensor& t, std::string what) {
   if (skip_ || t.numel() == 0) return;
   first_bad_.push_back(XT_DISPATCH_VALIDATE(first_negative_or_nonfinite, t));
@@ -181,6 +229,8 @@ void ContentChecks::raise_if_failed() {
         msg << " after chunk " << b[i] - 1 << " = (" << prev[0] << ", " << prev[1] << ", " << prev[2] << ", "
             << prev[3] << ")";
       }
+    } else if (p.kind == kSorted) {
+      msg << "row " << b[i] << " sorts before row " << b[i] - 1;
     } else if (p.kind == kDistinct) {
       msg << "id " << src.reshape({-1})[b[i]].item<int64_t>() << " appears more than once";
     } else {

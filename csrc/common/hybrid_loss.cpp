@@ -24,13 +24,14 @@ at::Tensor complement(const at::Tensor& used, int64_t V) {
 
 HybridInputs prepare_hybrid(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                             const at::Tensor& chunks, const at::Tensor& pairs, double temperature,
-                            c10::string_view merge, c10::string_view matched, double beta,
+                            c10::string_view student_merge, c10::string_view teacher_merge,
+                            c10::string_view matched, double beta,
                             c10::optional<int64_t> uld_topk, const c10::optional<at::Tensor>& student_targets,
                             const c10::optional<at::Tensor>& teacher_targets) {
   ContentChecks checks(student_logits.device());
   HybridInputs in;
-  static_cast<LossInputs&>(in) =
-      prepare_loss(student_logits, teacher_logits, chunks, temperature, merge, student_targets, teacher_targets, checks);
+  static_cast<LossInputs&>(in) = prepare_loss(student_logits, teacher_logits, chunks, temperature, student_merge,
+                                               teacher_merge, student_targets, teacher_targets, checks);
   TORCH_CHECK(pairs.scalar_type() == at::kInt && pairs.dim() == 2 && pairs.size(1) == 2,
               "pairs: expected an int32 [C, 2] table of (student id, teacher id), got ", pairs.scalar_type(), " ",
               pairs.sizes());

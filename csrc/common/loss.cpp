@@ -8,7 +8,8 @@ at::ScalarType accumulate_type(at::ScalarType logits_dtype) {
 }
 
 LossInputs prepare_loss(const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& chunks,
-                        double temperature, c10::string_view merge, const c10::optional<at::Tensor>& student_targets,
+                        double temperature, c10::string_view student_merge, c10::string_view teacher_merge,
+                        const c10::optional<at::Tensor>& student_targets,
                         const c10::optional<at::Tensor>& teacher_targets, ContentChecks& checks) {
   check_logits(student_logits, "student_logits");
   check_logits(teacher_logits, "teacher_logits");
@@ -18,28 +19,32 @@ LossInputs prepare_loss(const at::Tensor& student_logits, const at::Tensor& teac
   check_chunk_table(chunks);
   check_same_device(student_logits, "student_logits", chunks, "chunks");
   check_temperature(temperature);
-  const Merge m = parse_merge(merge);
+  const Merge m_s = parse_merge(student_merge, "student_merge");
+  const Merge m_t = parse_merge(teacher_merge, "teacher_merge");
   const int64_t N_s = student_logits.size(0), V_s = student_logits.size(1);
   const int64_t N_t = teacher_logits.size(0), V_t = teacher_logits.size(1);
   TORCH_CHECK(N_s < (int64_t(1) << 31) && N_t < (int64_t(1) << 31), "logits: more than 2^31 - 1 rows");
-  check_targets(student_targets, "student_targets", N_s, m);
-  check_targets(teacher_targets, "teacher_targets", N_t, m);
+  check_targets(student_targets, "student_targets", N_s, m_s);
+  check_targets(teacher_targets, "teacher_targets", N_t, m_t);
 
   LossInputs in;
   in.student_logits = student_logits.contiguous();
   in.teacher_logits = teacher_logits.contiguous();
   in.chunks = chunks.contiguous();
   checks.chunks(in.chunks, N_s, N_t, /*student_rows_disjoint=*/true);
-  if (m == Merge::Bayes) {
+  if (m_s == Merge::Bayes) {
     check_same_device(student_logits, "student_logits", *student_targets, "student_targets");
-    check_same_device(student_logits, "student_logits", *teacher_targets, "teacher_targets");
     in.student_targets = student_targets->contiguous();
-    in.teacher_targets = teacher_targets->contiguous();
     checks.bayes_targets(in.chunks, 0, in.student_targets, V_s, "student_targets");
+  }
+  if (m_t == Merge::Bayes) {
+    check_same_device(student_logits, "student_logits", *teacher_targets, "teacher_targets");
+    in.teacher_targets = teacher_targets->contiguous();
     checks.bayes_targets(in.chunks, 1, in.teacher_targets, V_t, "teacher_targets");
   }
   in.inv_tau = 1.0 / temperature;
-  in.merge = m;
+  in.student_merge = m_s;
+  in.teacher_merge = m_t;
   return in;
 }
 
@@ -54,7 +59,8 @@ LossParams LossInputs::params() const {
   p.chunks = reinterpret_cast<const Chunk*>(chunks.data_ptr<int32_t>());
   p.K = chunks.size(0);
   p.inv_tau = inv_tau;
-  p.merge = merge;
+  p.student_merge = student_merge;
+  p.teacher_merge = teacher_merge;
   p.student_targets = student_targets.defined() ? student_targets.data_ptr<int64_t>() : nullptr;
   p.teacher_targets = teacher_targets.defined() ? teacher_targets.data_ptr<int64_t>() : nullptr;
   return p;

@@ -1,6 +1,7 @@
 #include "xtoken/project.h"
 
 #include "xtoken/checks.h"
+#include "xtoken/loss.h"
 
 namespace xtoken {
 
@@ -17,7 +18,8 @@ ProjectInputs prepare_project(const at::Tensor& input, const char* name, const a
               " student tokens to ", V_t, " teacher tokens), got ", input.size(1));
   ContentChecks checks(input.device());
   ProjectInputs in;
-  in.W = prepare_projection(idx, val, col_ptr, col_src, col_val, V_s, V_t, input, checks);
+  in.W = prepare_projection(idx, val, col_ptr, col_src, col_val, V_s, V_t, input, accumulate_type(input.scalar_type()),
+                            checks);
   checks.raise_if_failed();
   in.input = input.contiguous();
   in.V_s = V_s;

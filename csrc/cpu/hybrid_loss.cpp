@@ -1,6 +1,7 @@
 // The hybrid loss on the CPU (SPEC.md §4): GOLD and H-KL, and ULD when there are no pairs.
 //
-// Forward, per chunk, with p_s = pool(student rows) and p_t = pool(teacher rows) (cpu_pooling.h):
+// Forward, per chunk, with p_s = pool(student rows) and p_t = pool(teacher rows) (cpu_pooling.h; each side
+// has its own merge):
 //   term_c = sum_n D(p_t[t_n], p_s[s_n])                  over the common pairs (hybrid_math.h)
 //   term_u = sum_{r < R} |a_r - b_r|                       a, b = the uncommon probabilities of each side in
 //                                                          rank order (value descending, then id ascending),
@@ -269,11 +270,11 @@ struct HybridCpu {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hybrid_loss_fwd_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& chunks,
-    const at::Tensor& pairs, double temperature, c10::string_view merge, c10::string_view matched, double beta,
-    c10::optional<int64_t> uld_topk, const c10::optional<at::Tensor>& student_targets,
-    const c10::optional<at::Tensor>& teacher_targets) {
-  const HybridInputs in = prepare_hybrid(student_logits, teacher_logits, chunks, pairs, temperature, merge, matched,
-                                         beta, uld_topk, student_targets, teacher_targets);
+    const at::Tensor& pairs, double temperature, c10::string_view student_merge, c10::string_view teacher_merge,
+    c10::string_view matched, double beta, c10::optional<int64_t> uld_topk,
+    const c10::optional<at::Tensor>& student_targets, const c10::optional<at::Tensor>& teacher_targets) {
+  const HybridInputs in = prepare_hybrid(student_logits, teacher_logits, chunks, pairs, temperature, student_merge,
+                                         teacher_merge, matched, beta, uld_topk, student_targets, teacher_targets);
   HybridParams p = in.params();
   const ForwardOutputs out = allocate_forward(in, {p.K, 2}, p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "hybrid_loss_fwd_cpu",
@@ -283,12 +284,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hybrid_loss_fwd_cpu(
 
 at::Tensor hybrid_loss_bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& student_logits,
                                const at::Tensor& teacher_logits, const at::Tensor& chunks, const at::Tensor& pairs,
-                               double temperature, c10::string_view merge, c10::string_view matched, double beta,
-                               c10::optional<int64_t> uld_topk, const c10::optional<at::Tensor>& student_targets,
+                               double temperature, c10::string_view student_merge, c10::string_view teacher_merge,
+                               c10::string_view matched, double beta, c10::optional<int64_t> uld_topk,
+                               const c10::optional<at::Tensor>& student_targets,
                                const c10::optional<at::Tensor>& teacher_targets, const at::Tensor& student_lse,
                                const at::Tensor& teacher_lse) {
-  const HybridInputs in = prepare_hybrid(student_logits, teacher_logits, chunks, pairs, temperature, merge, matched,
-                                         beta, uld_topk, student_targets, teacher_targets);
+  const HybridInputs in = prepare_hybrid(student_logits, teacher_logits, chunks, pairs, temperature, student_merge,
+                                         teacher_merge, matched, beta, uld_topk, student_targets, teacher_targets);
   HybridParams p = in.params();
   const BackwardTensors t =
       bind_backward(grad_losses, student_lse, teacher_lse, {p.K, 2}, in, "hybrid_loss_fwd", p);

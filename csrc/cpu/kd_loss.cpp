@@ -1,13 +1,16 @@
 // Same-vocabulary KD on the CPU (SPEC.md §4): the exact KL of the pooled vectors, no projection, no eps.
 //
-// Forward, per chunk, with p_t = pool(teacher rows), p_s = pool(student rows) (cpu_pooling.h):
+// Forward, per chunk, with p_t = pool(teacher rows), p_s = pool(student rows) (cpu_pooling.h; each side has
+// its own merge):
 //   L(k) = sum_{v : p_t[v] != 0} p_t[v] (log p_t[v] - log p_s[v])
-// where log p_s is read off the logits (first: a - L; bayes: a_last - L_last + log c) or, for mean, is the
-// log-mean-exp of the rows' log-probabilities, so that it never underflows to -inf.
-// Backward, with G = dLoss/dL(k), S = sum_v p_t[v] (1, or c_t for a bayes teacher):
-//   first: dz_0 = G (p_0 S - p_t) / tau
-//   bayes: dz_last = G (p_last S - p_t) / tau;  dz_i = G S (p_i - onehot(x_i)) / tau  (i < m-1)
-//   mean:  dz_i = G (p_i D_i - p_t rho_i) / tau,  rho_i = p_i / sum_j p_j,  D_i = sum_v p_t[v] rho_i[v]
+// where each log is read off the logits (first: a - L; bayes: a_last - L_last + log c), or for mean is the
+// log-mean-exp of the rows' log-probabilities (the log of the pooled vector on the teacher side), or for
+// logmean is the mean of the rows' log-probabilities, so that log p_s never underflows to -inf.
+// Backward, with G = dLoss/dL(k), S = sum_v p_t[v] (1 for first and mean, c_t for bayes, summed for logmean):
+//   first:   dz_0 = G (p_0 S - p_t) / tau
+//   bayes:   dz_last = G (p_last S - p_t) / tau;  dz_i = G S (p_i - onehot(x_i)) / tau  (i < m-1)
+//   mean:    dz_i = G (p_i D_i - p_t rho_i) / tau,  rho_i = p_i / sum_j p_j,  D_i = sum_v p_t[v] rho_i[v]
+//   logmean: dz_i = G (p_i S - p_t) / (m tau)
 // Work split: one chunk at a time per OpenMP thread with thread-private V-sized buffers.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -60,33 +63,34 @@ struct KdCpu {
 
   explicit KdCpu(const LossParams& params) : p(params), student(Side<T>::student(p)), teacher(Side<T>::teacher(p)) {}
 
-  // Thread-private buffers: pooled student probs (then log p_s for mean), pooled teacher probs, scratch.
+  // Thread-private buffers: pooled student and teacher probs, and their logs (or scratch).
   struct Work {
-    std::vector<A> ps, pt, tmp;
-    explicit Work(int64_t V) : ps(V), pt(V), tmp(V) {}
+    std::vector<A> ps, pt, ls, lt;
+    explicit Work(int64_t V) : ps(V), pt(V), ls(V), lt(V) {}
   };
 
   A forward_chunk(const Chunk& c, Work& w) const {
     const int64_t V = p.V_s;
-    const A log_c_s = student.pool_softmax(w.ps.data(), w.tmp.data(), c.s0, c.s1);
-    const A log_c_t = teacher.pool_softmax(w.pt.data(), w.tmp.data(), c.t0, c.t1);
+    // logmean leaves log p_hat in ls / lt; mean fills it below.
+    const A log_c_s = student.pool_softmax(w.ps.data(), w.ls.data(), c.s0, c.s1);
+    const A log_c_t = teacher.pool_softmax(w.pt.data(), w.lt.data(), c.t0, c.t1);
     const A* pt = w.pt.data();
-    const A inv_tau = student.inv_tau;
-    const T* zt = teacher.row(teacher.pooled_row(c.t0, c.t1));
-    const A shift_t = teacher.lse[teacher.pooled_row(c.t0, c.t1)] - log_c_t;
-    const bool mean = p.merge == Merge::Mean;
-    const auto log_pt = [&](int64_t v) { return mean ? cpu_math::log(pt[v]) : cpu_math::load<A>(zt[v]) * inv_tau - shift_t; };
-    if (mean) {
-      A* ls = w.ps.data();
+    if (teacher.merge == Merge::Mean) {
+      A* lt = w.lt.data();
+#pragma omp simd
+      for (int64_t v = 0; v < V; ++v) lt[v] = cpu_math::log(pt[v]);
+    }
+    if (student.merge == Merge::Mean) {
+      A* ls = w.ls.data();
       log_sum_probs(ls, student, c.s0, c.s1);
       const A log_m = std::log(A(c.s1 - c.s0));
-      return blocked_sum<A>(V, [&](int64_t v) { return pt[v] != A(0) ? pt[v] * (log_pt(v) - (ls[v] - log_m)) : A(0); });
+#pragma omp simd
+      for (int64_t v = 0; v < V; ++v) ls[v] -= log_m;
     }
-    const int32_t r = student.pooled_row(c.s0, c.s1);
-    const T* zs = student.row(r);
-    const A shift_s = student.lse[r] - log_c_s;
-    return blocked_sum<A>(V, [&](int64_t v) {
-      return pt[v] != A(0) ? pt[v] * (log_pt(v) - (cpu_math::load<A>(zs[v]) * inv_tau - shift_s)) : A(0);
+    return teacher.with_log_pooled(w.lt.data(), c.t0, c.t1, log_c_t, [&](const auto& log_pt) {
+      return student.with_log_pooled(w.ls.data(), c.s0, c.s1, log_c_s, [&](const auto& log_ps) {
+        return blocked_sum<A>(V, [&](int64_t v) { return pt[v] != A(0) ? pt[v] * (log_pt(v) - log_ps(v)) : A(0); });
+      });
     });
   }
 
@@ -100,8 +104,9 @@ struct KdCpu {
     const A log_c_t = teacher.log_prefix(c.t0, c.t1);
     teacher.pool_probs(w.pt.data(), c.t0, c.t1, log_c_t);
     const A* pt = w.pt.data();
-    const A S = cpu_math::exp(log_c_t);
-    switch (p.merge) {
+    const A S = teacher.merge == Merge::LogMean ? blocked_sum<A>(V, [&](int64_t v) { return pt[v]; })
+                                                 : cpu_math::exp(log_c_t);
+    switch (student.merge) {
       case Merge::First:
         write_kd_grad(dz + c.s0 * V, student.row(c.s0), V, inv_tau, student.lse[c.s0], S, pt, G * inv_tau);
         zero_rows(dz, V, c.s0 + 1, c.s1);
@@ -115,9 +120,16 @@ struct KdCpu {
         }
         break;
       }
+      case Merge::LogMean: {
+        const A scale = G * inv_tau / A(c.s1 - c.s0);
+        for (int32_t r = c.s0; r < c.s1; ++r) {
+          write_kd_grad(dz + r * V, student.row(r), V, inv_tau, student.lse[r], S, pt, scale);
+        }
+        break;
+      }
       case Merge::Mean: {
         A* log_sum = w.ps.data();
-        A* rho = w.tmp.data();
+        A* rho = w.ls.data();
         log_sum_probs(log_sum, student, c.s0, c.s1);
         for (int32_t r = c.s0; r < c.s1; ++r) {
           const T* z = student.row(r);
@@ -153,11 +165,12 @@ struct KdCpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_logits,
                                                                const at::Tensor& teacher_logits,
                                                                const at::Tensor& chunks, double temperature,
-                                                               c10::string_view merge,
+                                                               c10::string_view student_merge,
+                                                               c10::string_view teacher_merge,
                                                                const c10::optional<at::Tensor>& student_targets,
                                                                const c10::optional<at::Tensor>& teacher_targets) {
-  const LossInputs in = prepare_kd(student_logits, teacher_logits, chunks, temperature, merge, student_targets,
-                                   teacher_targets);
+  const LossInputs in = prepare_kd(student_logits, teacher_logits, chunks, temperature, student_merge, teacher_merge,
+                                   student_targets, teacher_targets);
   LossParams p = in.params();
   const ForwardOutputs out = allocate_forward(in, {p.K}, p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "kd_loss_fwd_cpu",
@@ -167,11 +180,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor&
 
 at::Tensor kd_loss_bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& student_logits,
                            const at::Tensor& teacher_logits, const at::Tensor& chunks, double temperature,
-                           c10::string_view merge, const c10::optional<at::Tensor>& student_targets,
+                           c10::string_view student_merge, c10::string_view teacher_merge,
+                           const c10::optional<at::Tensor>& student_targets,
                            const c10::optional<at::Tensor>& teacher_targets, const at::Tensor& student_lse,
                            const at::Tensor& teacher_lse) {
-  const LossInputs in = prepare_kd(student_logits, teacher_logits, chunks, temperature, merge, student_targets,
-                                   teacher_targets);
+  const LossInputs in = prepare_kd(student_logits, teacher_logits, chunks, temperature, student_merge, teacher_merge,
+                                   student_targets, teacher_targets);
   LossParams p = in.params();
   const BackwardTensors t = bind_backward(grad_losses, student_lse, teacher_lse, {p.K}, in, "kd_loss_fwd", p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "kd_loss_bwd_cpu",

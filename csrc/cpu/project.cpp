@@ -19,7 +19,7 @@ template <typename T>
 void project_rows(const T* in, T* out, int64_t N, int64_t V_in, int64_t V_out, const ProjectionView& W,
                   bool transpose) {
   using A = acc_t<T>;
-  const ProjectionPlan plan(W, transpose ? V_out : V_in, transpose ? V_in : V_out);
+  const ProjectionPlan<A> plan(W, transpose ? V_out : V_in, transpose ? V_in : V_out);
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<A> src(V_in), dst(V_out);

@@ -30,13 +30,15 @@ __global__ void project_kernel(const T* __restrict__ in, T* __restrict__ out, in
   if (transpose) {  // out[s] = sum_j W[s, j] in[idx_j]
     for (int64_t j = 0; j < W.P; ++j) {
       const int32_t t = W.idx[v * W.P + j];
-      if (static_cast<uint32_t>(t) < static_cast<uint64_t>(V_in)) acc += static_cast<A>(W.val[v * W.P + j]) * static_cast<A>(row[t]);
+      if (static_cast<uint32_t>(t) < static_cast<uint64_t>(V_in)) {
+        acc += W.values<A>()[v * W.P + j] * static_cast<A>(row[t]);
+      }
     }
   } else {  // out[t] = sum over column t of W[s, t] in[s]
-    const int32_t end = W.col_ptr[v + 1];
-    for (int32_t j = W.col_ptr[v]; j < end; ++j) {
+    const ProjectionView::Range column = W.column(v);
+    for (int64_t j = column.begin; j < column.end; ++j) {
       const int32_t s = W.col_src[j];
-      if (static_cast<uint32_t>(s) < static_cast<uint64_t>(V_in)) acc += static_cast<A>(W.col_val[j]) * static_cast<A>(row[s]);
+      if (static_cast<uint32_t>(s) < static_cast<uint64_t>(V_in)) acc += W.col_values<A>()[j] * static_cast<A>(row[s]);
     }
   }
   out[n * V_out + v] = static_cast<T>(acc);
@@ -46,7 +48,7 @@ at::Tensor run(const ProjectInputs& in, bool transpose) {
   const int64_t N = in.input.size(0), V_in = in.input.size(1);
   const int64_t V_out = transpose ? in.V_s : in.V_t;
   at::Tensor out = at::empty({N, V_out}, in.input.options());
-  if (N == 0) return out;
+  if (N == 0 || V_out == 0) return out;  // an empty grid is a launch error
   const auto stream = at::cuda::getCurrentCUDAStream();
   const ProjectionView W = in.W.view();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "project_cuda", [&] {

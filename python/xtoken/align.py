@@ -13,9 +13,11 @@ tokenizers (``tokenizers.Tokenizer`` or ``transformers.PreTrainedTokenizerFast``
 from __future__ import annotations
 
 import abc
+import functools
 import json
 import os
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from itertools import chain
@@ -23,6 +25,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from . import checks
 from . import ops as _ops  # noqa: F401  (registers the op's fake kernel)
 from .reference import DROP_REASONS
 from .tokenizer import TokenizerAdapter, byte_level_alphabet, load_tokenizer
@@ -105,7 +108,8 @@ class HFSpanTokenizer(SpanTokenizer):
 
     Args:
         tokenizer: a ``tokenizers.Tokenizer`` or an object with a ``backend_tokenizer`` (a
-            ``PreTrainedTokenizerFast``). It is copied, never modified.
+            ``PreTrainedTokenizerFast``). It is never modified: it encodes as it is when its offsets are
+            untrimmed and it neither pads nor truncates, else through a private copy that does neither.
         pad_token_id: the id written into padding positions (default: the tokenizer's pad token, else 0;
             padding is masked by the attention mask either way).
     """
@@ -119,42 +123,41 @@ class HFSpanTokenizer(SpanTokenizer):
                 "tokenizer: expected a tokenizers.Tokenizer or a Hugging Face fast tokenizer, got "
                 f"{type(tokenizer).__name__}"
             )
-        config = json.loads(backend.to_str())
-        config["truncation"] = config["padding"] = None
-        self._tokenizer = Tokenizer.from_str(json.dumps(_untrimmed(config)))
+        trims = b'"trim_offsets":true' in _component_json(backend.post_processor)
+        self._tokenizer = _private_copy(backend) if trims or _pads_or_truncates(backend) else backend
         if pad_token_id is None:
             pad_token_id = getattr(tokenizer, "pad_token_id", None)
         if pad_token_id is None and backend.padding is not None:
             pad_token_id = backend.padding["pad_id"]
         self.pad_token_id = int(pad_token_id or 0)
-        byte_level = "ByteLevel" in json.dumps([config.get("pre_tokenizer"), config.get("decoder")])
-        self._surface_length, self._leading_space = self._surface_tables(byte_level)
+        self._byte_level = b"ByteLevel" in _component_json(backend.pre_tokenizer) + _component_json(backend.decoder)
+        self._added = frozenset(backend.get_added_tokens_decoder())
+        self._surface_length = np.full(0, -1, dtype=np.int64)  # per id, -1 until met (see _surfaces)
+        self._leading_space = np.zeros(0, dtype=bool)
 
-    def _surface_tables(self, byte_level: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Per token id: the number of bytes the token stands for, and whether the first is a space."""
-        vocab = self._tokenizer.get_vocab(with_added_tokens=True)
-        added = set(self._tokenizer.get_added_tokens_decoder())
-        unbyte = {c: b for b, c in byte_level_alphabet().items()}
-        size = max(vocab.values(), default=-1) + 1
-        length = np.zeros(size, dtype=np.int64)
-        leading_space = np.zeros(size, dtype=bool)
-        for piece, token_id in vocab.items():
-            if token_id in added:
-                surface = piece.encode()
-            elif byte_level:
-                surface = b"".join(bytes([unbyte[c]]) if c in unbyte else c.encode() for c in piece)
-            elif _BYTE_FALLBACK.fullmatch(piece):
-                surface = bytes([int(piece[3:5], 16)])
-            else:
-                surface = piece.replace("▁", " ").encode()
-            length[token_id] = len(surface)
-            leading_space[token_id] = surface[:1] == b" "
-        return length, leading_space
+    def _surfaces(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The surface lengths of ``ids`` and whether each starts with a space. Worked out the first time an id
+        is met, for all new ids of a batch at once: the vocabulary is never read as a whole."""
+        if ids.size and int(ids.max()) >= self._surface_length.size:
+            size = max(int(ids.max()) + 1, self._tokenizer.get_vocab_size(with_added_tokens=True))
+            grown, grown_from = np.full(size, -1, dtype=np.int64), self._surface_length.size
+            grown[:grown_from] = self._surface_length
+            self._surface_length = grown
+            self._leading_space = np.concatenate([self._leading_space, np.zeros(size - grown_from, dtype=bool)])
+        new = ids[self._surface_length[ids] < 0]
+        if new.size:
+            new = np.unique(new)
+            pieces = [self._tokenizer.id_to_token(i) or "" for i in new.tolist()]
+            added = np.fromiter((i in self._added for i in new.tolist()), dtype=bool, count=new.size)
+            self._surface_length[new], self._leading_space[new] = _surface_of(pieces, added, self._byte_level)
+        return self._surface_length[ids], self._leading_space[ids]
 
     def token(self, token_id: int) -> str:
         return self._tokenizer.id_to_token(token_id) or f"<{token_id}>"
 
     def encode_spans(self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None) -> TokenSpans:
+        if _pads_or_truncates(self._tokenizer):  # someone set the shared tokenizer to pad or truncate since
+            self._tokenizer = _private_copy(self._tokenizer)
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
         total = int(lengths.sum())
@@ -164,7 +167,7 @@ class HFSpanTokenizer(SpanTokenizer):
         ).reshape(total, 2)
         sequence = np.repeat(np.arange(len(texts)), lengths)
         byte_offsets = _char_to_byte_offsets(texts, offsets, sequence)
-        spans = _share_bytes(byte_offsets, sequence, self._surface_length[ids], self._leading_space[ids])
+        spans = _share_bytes(byte_offsets, sequence, *self._surfaces(ids))
         if max_length is not None:
             # Truncated after the spans are found, so a kept piece of a character split by the cut
             # still gets its own bytes only.
@@ -191,14 +194,112 @@ class HFSpanTokenizer(SpanTokenizer):
 def as_span_tokenizer(tokenizer) -> SpanTokenizer:
     """A :class:`SpanTokenizer` for ``tokenizer``: itself if it is one; for an xtoken tokenizer adapter (or
     a name or path that :func:`xtoken.tokenizer.load_tokenizer` takes) an :class:`HFSpanTokenizer` over
-    its Hugging Face form; else an :class:`HFSpanTokenizer` over ``tokenizer``."""
+    its Hugging Face form; else an :class:`HFSpanTokenizer` over ``tokenizer``.
+
+    The wrapper of a tokenizer object is built once and cached while the object lives (and built again when
+    its vocabulary size or pad token changes), so that passing the same Hugging Face tokenizer to
+    :func:`align_texts` batch after batch costs nothing. A plain ``tokenizers.Tokenizer`` is held by its own
+    wrapper, so the cache keeps the most recent :data:`WRAPPER_CACHE_SIZE` wrappers."""
     if isinstance(tokenizer, SpanTokenizer):
         return tokenizer
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
+    key = _wrapper_key(tokenizer)
+    cached = _WRAPPERS.get(id(tokenizer))
+    if cached is not None and cached[0]() is tokenizer and cached[1] == key:
+        return cached[2]
     if isinstance(tokenizer, TokenizerAdapter):
-        return HFSpanTokenizer(tokenizer.hf_tokenizer(), pad_token_id=tokenizer.roles.get("pad"))
-    return HFSpanTokenizer(tokenizer)
+        wrapper = HFSpanTokenizer(tokenizer.hf_tokenizer(), pad_token_id=tokenizer.roles.get("pad"))
+    else:
+        wrapper = HFSpanTokenizer(tokenizer)
+    try:
+        ref = weakref.ref(tokenizer, functools.partial(_forget_wrapper, id(tokenizer)))
+    except TypeError:  # an object without weak references stays alive in the cache instead
+        ref = functools.partial(_same, tokenizer)
+    _WRAPPERS.pop(id(tokenizer), None)
+    while len(_WRAPPERS) >= WRAPPER_CACHE_SIZE:
+        del _WRAPPERS[next(iter(_WRAPPERS))]
+    _WRAPPERS[id(tokenizer)] = (ref, key, wrapper)
+    return wrapper
+
+
+WRAPPER_CACHE_SIZE = 32
+_WRAPPERS: dict[int, tuple] = {}
+"""id(tokenizer) -> (a reference to the tokenizer, its :func:`_wrapper_key`, its span tokenizer)."""
+
+
+def _forget_wrapper(key: int, ref, wrappers: dict = _WRAPPERS) -> None:
+    """The weak-reference callback of a dead tokenizer (``wrappers`` bound early: it may run at shutdown)."""
+    if wrappers.get(key, (None,))[0] is ref:
+        del wrappers[key]
+
+
+def _same(obj):
+    return obj
+
+
+def _wrapper_key(tokenizer) -> tuple:
+    """What a cached wrapper depends on that a user may change: the vocabulary size and the pad token."""
+    if isinstance(tokenizer, TokenizerAdapter):
+        return len(tokenizer), tokenizer.roles.get("pad")
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    size = backend.get_vocab_size(with_added_tokens=True) if hasattr(backend, "get_vocab_size") else None
+    return size, getattr(tokenizer, "pad_token_id", None)
+
+
+def _component_json(component) -> bytes:
+    """A tokenizer component (pre-tokenizer, decoder, post-processor) as JSON; empty for none."""
+    return b"" if component is None else component.__getstate__()
+
+
+def _pads_or_truncates(tokenizer) -> bool:
+    return tokenizer.padding is not None or tokenizer.truncation is not None
+
+
+def _private_copy(tokenizer):
+    """A copy of a ``tokenizers.Tokenizer`` that neither pads nor truncates, with every ``trim_offsets`` off."""
+    from tokenizers import Tokenizer
+
+    config = json.loads(tokenizer.to_str())
+    config["truncation"] = config["padding"] = None
+    return Tokenizer.from_str(json.dumps(_untrimmed(config)))
+
+
+_BYTE_LEVEL_CHARS = np.zeros(0x145, dtype=bool)  # code point -> in the byte-level alphabet (the last entry: beyond)
+_BYTE_LEVEL_CHARS[[ord(c) for c in byte_level_alphabet().values()]] = True
+
+
+def _run_sums(values: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """``values[start[k]:end[k]].sum()`` for every k."""
+    total = np.zeros(values.size + 1, dtype=np.int64)
+    np.cumsum(values, out=total[1:])
+    return total[end] - total[start]
+
+
+def _surface_of(pieces: list[str], added: np.ndarray, byte_level: bool) -> tuple[np.ndarray, np.ndarray]:
+    """For vocabulary strings: the number of bytes each token stands for, and whether the first is a space.
+    Added tokens stand for their own text; byte-level characters for one byte each; SentencePiece's ``▁`` for
+    a space and ``<0xHH>`` for the byte HH. Vectorized over the code points of all the strings."""
+    code_points = np.frombuffer("".join(pieces).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    utf8_width = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+    if byte_level:
+        width = np.where(_BYTE_LEVEL_CHARS[np.minimum(code_points, _BYTE_LEVEL_CHARS.size - 1)], 1, utf8_width)
+        spaces = [ord(" "), ord(byte_level_alphabet()[ord(" ")])]
+    else:
+        width = np.where(code_points == ord("▁"), 1, utf8_width)
+        spaces = [ord(" "), ord("▁")]
+    piece_length = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    end = np.cumsum(piece_length)
+    start = end - piece_length
+    length = np.where(added, _run_sums(utf8_width, start, end), _run_sums(width, start, end))
+    first = np.full(len(pieces), -1, dtype=np.int64)
+    first[piece_length > 0] = code_points[start[piece_length > 0]]
+    leading_space = np.where(added, first == ord(" "), np.isin(first, spaces))
+    if not byte_level:
+        for k in np.flatnonzero((piece_length == 6) & ~added):
+            if _BYTE_FALLBACK.fullmatch(pieces[k]):
+                length[k], leading_space[k] = 1, pieces[k][3:5] == "20"
+    return length, leading_space
 
 
 def _char_to_byte_offsets(texts: Sequence[str], offsets: np.ndarray, sequence: np.ndarray) -> np.ndarray:
@@ -365,10 +466,13 @@ def align_spans(
         ("teacher", teacher_ends, teacher_lengths, teacher_padding_side),
     ):
         left = _padding_side(padding_side, f"{name}_padding_side")
+        if not isinstance(ends, torch.Tensor):
+            raise TypeError(f"{name}_ends: expected an integer [B, T] tensor, got {type(ends).__name__}")
         lengths = torch.as_tensor(lengths, device=ends.device)
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
             raise TypeError(f"{name}_lengths: expected an integer tensor, got {lengths.dtype}")
-        sides.append((ends, lengths.to(torch.int32), left))
+        ends = checks.int32_index(ends, f"{name}_ends")
+        sides.append((ends, checks.int32_index(lengths, f"{name}_lengths"), left))
     (se, sl, sleft), (te, tl, tleft) = sides
     chunks, counts, dropped = torch.ops.xtoken.align_spans(se, sl, sleft, te, tl, tleft)
     return SpanAlignment(chunks, counts, dropped, inputs=tuple(sides))
@@ -432,7 +536,9 @@ class AlignedBatch:
     the UTF-8 bytes of each text (0 in padding); ``chunks``: int32 ``[K, 4]`` over flattened rows
     ``b * T + j``; ``chunk_counts``: int32 ``[B]`` chunks per text (in order in ``chunks``);
     ``*_targets``: int64 ``[B * T]``, the realized next token of each row, -1 where none (the last real
-    token and padding); ``stats``: :class:`AlignStats`.
+    token and padding); ``stats``: :class:`AlignStats`; ``student_labels``: int64 ``[B, T]``, the student's CE
+    labels as Hugging Face models take them (the input ids, -100 where the CE does not train: padding, and for
+    :func:`xtoken.align_conversations` the template and untrained messages).
     """
 
     student_input_ids: torch.Tensor
@@ -446,6 +552,7 @@ class AlignedBatch:
     chunks: torch.Tensor
     chunk_counts: torch.Tensor
     stats: AlignStats
+    student_labels: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> AlignedBatch:
         """The batch with every tensor on ``device``."""
@@ -495,6 +602,24 @@ def _pad(encoded: TokenSpans, pad_token_id: int, left: bool) -> _Padded:
     )
 
 
+def _max_length(max_length) -> int | None:
+    return None if max_length is None else checks.count(max_length, "max_length", minimum=1)
+
+
+def example_texts(examples: Sequence, text_key: str) -> list[str]:
+    """The texts of a batch of examples, each a text or a mapping holding one under ``text_key``."""
+    texts = []
+    for i, example in enumerate(examples):
+        text = example if isinstance(example, str) else example.get(text_key) if hasattr(example, "get") else None
+        if not isinstance(text, str):
+            raise TypeError(
+                f"example {i}: expected a text or a mapping with a {text_key!r} text, got {type(example).__name__}"
+                + (f" with keys {sorted(map(str, example))}" if hasattr(example, "keys") else "")
+            )
+        texts.append(text)
+    return texts
+
+
 def align_texts(
     texts: Sequence[str],
     student_tokenizer,
@@ -519,10 +644,10 @@ def align_texts(
     Returns:
         An :class:`AlignedBatch` (on the CPU).
     """
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise TypeError("texts: expected a sequence of str")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-        raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
+    texts = checks.texts(texts)
+    max_length = _max_length(max_length)
+    if not isinstance(add_special_tokens, (bool, np.bool_)):
+        raise TypeError(f"add_special_tokens: expected a bool, got {type(add_special_tokens).__name__}")
     left = _padding_side(padding_side, "padding_side")
     padded = []
     for tokenizer in (as_span_tokenizer(student_tokenizer), as_span_tokenizer(teacher_tokenizer)):
@@ -546,6 +671,7 @@ def align_texts(
         chunks=chunks,
         chunk_counts=alignment.counts,
         stats=AlignStats.compute(chunks, alignment.dropped),
+        student_labels=student.input_ids.masked_fill(student.attention_mask == 0, -100),
     )
 
 
@@ -569,13 +695,13 @@ class AlignedCollator:
         _padding_side(padding_side, "padding_side")
         self.student = as_span_tokenizer(student_tokenizer)
         self.teacher = as_span_tokenizer(teacher_tokenizer)
-        self.max_length = max_length
+        self.max_length = _max_length(max_length)
         self.add_special_tokens = add_special_tokens
         self.padding_side = padding_side
         self.text_key = text_key
 
     def __call__(self, examples: Sequence) -> AlignedBatch:
-        texts = [e if isinstance(e, str) else e[self.text_key] for e in examples]
+        texts = example_texts(examples, self.text_key)
         return align_texts(
             texts, self.student, self.teacher, max_length=self.max_length,
             add_special_tokens=self.add_special_tokens, padding_side=self.padding_side,

@@ -1,11 +1,90 @@
-"""The ``xtoken`` command line. Each command adds its parser in an ``_add_<command>`` function."""
+"""The ``xtoken`` command line. Each command adds its parser in an ``_add_<command>`` function.
+
+User errors (a bad flag value, a missing or malformed file, a wrong tokenizer) are reported by :func:`main` in
+one line naming the flag, file or line, with exit status 2, never as a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 __all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors take one line (the usage itself is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    """argparse type: a temperature the kernels accept (xtoken.checks.temperature)."""
+    from .checks import temperature
+
+    try:
+        return temperature(float(text))
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("temperature: ")) from None
+
+
+def _tokenizer_arg(value: str, flag: str, pattern: str | None = None):
+    """The tokenizer a flag names, with any failure reported against the flag."""
+    from .tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(value, pattern=pattern)
+    except (ValueError, OSError, ImportError, TypeError) as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def _check_new_file(path: str, flag: str, force: bool) -> None:
+    """Before any long work: ``path`` can be written, and an existing file is replaced only with --force."""
+    import os
+
+    from .projection import check_output_path
+
+    try:
+        check_output_path(path)
+    except OSError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    if os.path.exists(path) and not force:
+        raise ValueError(f"{flag}: {path} exists; pass --force to overwrite it")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -46,44 +125,46 @@ def _add_projection(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--student", required=True, help=tokenizer_help.format("student"))
     build.add_argument("--teacher", required=True, help=tokenizer_help.format("teacher"))
     build.add_argument("-o", "--output", required=True, help="the safetensors file to write")
+    build.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     build.add_argument("--student-pattern", help="split regex of a tiktoken student rank file")
     build.add_argument("--teacher-pattern", help="split regex of a tiktoken teacher rank file")
     build.add_argument(
-        "--student-vocab-size", type=int, help="student logit width (default: the tokenizer's size)"
+        "--student-vocab-size", type=_positive_int, help="student logit width (default: the tokenizer's size)"
     )
     build.add_argument(
-        "--teacher-vocab-size", type=int, help="teacher logit width (default: the tokenizer's size)"
+        "--teacher-vocab-size", type=_positive_int, help="teacher logit width (default: the tokenizer's size)"
     )
-    build.add_argument("--top-k", type=int, default=4, help="teacher tokens kept per row (default 4)")
+    build.add_argument("--top-k", type=_positive_int, default=4, help="teacher tokens kept per row (default 4)")
     build.add_argument(
-        "--beta", type=float, default=0.9, help="weight of the first decomposition piece (default 0.9)"
+        "--beta", type=_positive_float, default=0.9, help="weight of the first decomposition piece (default 0.9)"
     )
     build.add_argument("--gamma", type=float, default=0.1, help="decay per further piece (default 0.1)")
     build.add_argument(
-        "--max-pieces", type=int, default=4, help="decomposition pieces that count (default 4)"
+        "--max-pieces", type=_positive_int, default=4, help="decomposition pieces that count (default 4)"
     )
-    build.set_defaults(func=_clean_errors(_run_projection_build))
+    build.set_defaults(func=_run_projection_build)
 
     audit = actions.add_parser("audit", help="print the coverage table of a saved W and the recommended loss")
     audit.add_argument("path", help="a W saved by `xtoken projection build`")
     audit.add_argument("--threshold", type=float, default=0.6, help="relaxed-pair threshold (default 0.6)")
-    audit.set_defaults(func=_clean_errors(_run_projection_audit))
+    audit.set_defaults(func=_run_projection_audit)
 
     show = actions.add_parser("show", help="print a student token's row of W")
     show.add_argument("path", help="a W saved by `xtoken projection build`")
     show.add_argument("token", help="the student token's text (e.g. 201, ' the') or, with --id, its id")
     show.add_argument("--id", action="store_true", help="TOKEN is a student token id")
-    show.set_defaults(func=_clean_errors(_run_projection_show))
+    show.set_defaults(func=_run_projection_show)
 
 
 def _clean_errors(run):
-    """``run`` with bad input (a missing file, a wrong tokenizer, a missing package) reported in one line."""
+    """``run`` with bad input (a missing file, a wrong tokenizer, a missing package) reported in one line.
+    :func:`main` applies it to every command."""
 
     def run_reporting_errors(args: argparse.Namespace) -> int:
         try:
             return run(args)
         except (ValueError, OSError, ImportError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)
             return 2
 
     return run_reporting_errors
@@ -93,11 +174,11 @@ def _run_projection_build(args: argparse.Namespace) -> int:
     import time
 
     from .projection import Projection
-    from .tokenizer import load_tokenizer
 
+    _check_new_file(args.output, "--output", args.force)
     start = time.perf_counter()
-    student = load_tokenizer(args.student, pattern=args.student_pattern)
-    teacher = load_tokenizer(args.teacher, pattern=args.teacher_pattern)
+    student = _tokenizer_arg(args.student, "--student", args.student_pattern)
+    teacher = _tokenizer_arg(args.teacher, "--teacher", args.teacher_pattern)
     projection = Projection.build(
         student, teacher, top_k=args.top_k, beta=args.beta, gamma=args.gamma, max_pieces=args.max_pieces,
         student_vocab_size=args.student_vocab_size, teacher_vocab_size=args.teacher_vocab_size, progress=True,
@@ -156,23 +237,32 @@ def _run_projection_show(args: argparse.Namespace) -> int:
 
 def _add_align(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("align", help="show the chunks of two tokenizations of a text, side by side")
-    p.add_argument("text", nargs="+", help="the text(s) to align")
+    p.add_argument("text", nargs="*", help="the text(s) to align")
     p.add_argument("--student", required=True, help="llama3.2, qwen, qwen3.6, a tokenizer.json or a folder holding one")
     p.add_argument("--teacher", required=True, help="as --student")
-    p.add_argument("--max-length", type=int, default=None, help="keep at most this many tokens per side")
+    p.add_argument("--max-length", type=_positive_int, default=None, help="keep at most this many tokens per side")
     p.add_argument("--no-special-tokens", action="store_true", help="do not add BOS/EOS")
-    p.set_defaults(func=_run_align)
+    p.add_argument(
+        "--chat", metavar="JSON",
+        help="align conversations instead of texts: a JSON file with a list of {role, content} messages (or a list "
+        "of such lists); each side renders them with its chat template",
+    )  # fmt: skip
+    template_help = (
+        "the {} chat template with --chat: a built-in name (llama3, chatml) or a Jinja file; default: the template "
+        "saved with the tokenizer (tokenizer_config.json or chat_template.jinja in its folder)"
+    )
+    p.add_argument("--student-template", help=template_help.format("student's"))
+    p.add_argument("--teacher-template", help=template_help.format("teacher's"))
+    p.add_argument("--train-on", default="assistant", choices=["assistant", "all"],
+                   help="with --chat: the messages whose contents are aligned (default: assistant)")  # fmt: skip
+    p.set_defaults(func=_clean_errors(_run_align))
 
 
-def _run_align(args: argparse.Namespace) -> int:
-    from .align import align_texts, as_span_tokenizer
+def _chunk_rows(data: bytes, batch, b: int, first: int) -> list[tuple[int, str, str, str]]:
+    """Sequence ``b``'s chunks (starting at ``first`` in the table): index, shape, and each side's target pieces
+    (their bytes of ``data``)."""
 
-    student = as_span_tokenizer(args.student)
-    teacher = as_span_tokenizer(args.teacher)
-    batch = align_texts(args.text, student, teacher, max_length=args.max_length,
-                        add_special_tokens=not args.no_special_tokens)
-
-    def pieces(data: bytes, spans, row0: int, row1: int) -> str:
+    def pieces(spans, row0: int, row1: int) -> str:
         # Predictor rows [row0, row1) of the flattened batch hold the targets at rows + 1.
         flat = spans.reshape(-1, 2)
         return " ".join(
@@ -180,20 +270,119 @@ def _run_align(args: argparse.Namespace) -> int:
             for a, z in flat[row0 + 1 : row1 + 1].tolist()
         )
 
+    count = int(batch.chunk_counts[b])
+    return [
+        (k, f"{s1 - s0}:{t1 - t0}", pieces(batch.student_spans, s0, s1), pieces(batch.teacher_spans, t0, t1))
+        for k, (s0, s1, t0, t1) in enumerate(batch.chunks[first : first + count].tolist())
+    ]
+
+
+def _print_chunk_rows(rows: list[tuple[int, str, str, str]]) -> None:
+    width = max([len(r[2]) for r in rows] + [len("student")])
+    print(f"{'chunk':>5}  {'shape':<5}  {'student':<{width}} | teacher")
+    for k, shape, left, right in rows:
+        print(f"{k:>5}  {shape:<5}  {left:<{width}} | {right}")
+
+
+def _run_align(args: argparse.Namespace) -> int:
+    from .align import align_texts, as_span_tokenizer
+    from .checks import texts
+
+    if args.chat:
+        return _run_align_chat(args)
+    if not args.text:
+        raise ValueError("give the text(s) to align, or --chat with a JSON file of conversations")
+    args.text = texts(args.text, "text")
+    student = as_span_tokenizer(_tokenizer_arg(args.student, "--student"))
+    teacher = as_span_tokenizer(_tokenizer_arg(args.teacher, "--teacher"))
+    batch = align_texts(args.text, student, teacher, max_length=args.max_length,
+                        add_special_tokens=not args.no_special_tokens)
+
     first = 0
     for b, text in enumerate(args.text):
         data = text.encode()
-        count = int(batch.chunk_counts[b])
-        rows = []
-        for k, (s0, s1, t0, t1) in enumerate(batch.chunks[first : first + count].tolist()):
-            rows.append((k, f"{s1 - s0}:{t1 - t0}", pieces(data, batch.student_spans, s0, s1),
-                         pieces(data, batch.teacher_spans, t0, t1)))
-        first += count
-        width = max([len(r[2]) for r in rows] + [len("student")])
+        rows = _chunk_rows(data, batch, b, first)
+        first += len(rows)
         print(f"text {b} ({len(data)} bytes)")
-        print(f"{'chunk':>5}  {'shape':<5}  {'student':<{width}} | teacher")
-        for k, shape, left, right in rows:
-            print(f"{k:>5}  {shape:<5}  {left:<{width}} | {right}")
+        _print_chunk_rows(rows)
+    print(batch.stats)
+    return 0
+
+
+def _chat_template(spec: str, template: str | None, flag: str):
+    """The chat template for ``--student``/``--teacher`` ``spec``: ``template`` (a built-in name or a Jinja file), else
+    the one saved in the tokenizer's folder."""
+    import json
+    from pathlib import Path
+
+    from .chat import CHAT_TEMPLATES
+
+    if template is not None:
+        if template in CHAT_TEMPLATES:
+            return template
+        if not Path(template).is_file():
+            raise ValueError(f"{flag}: {template!r} is neither a built-in template ({', '.join(CHAT_TEMPLATES)}) "
+                             "nor a file")  # fmt: skip
+        return Path(template).read_text(encoding="utf-8")
+    folder = Path(spec)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file() and isinstance(json.loads(config.read_text(encoding="utf-8")).get("chat_template"), str):
+        return json.loads(config.read_text(encoding="utf-8"))["chat_template"]
+    raise ValueError(f"{flag}: {spec!r} has no saved chat template; name one ({', '.join(CHAT_TEMPLATES)}) or give "
+                     "a Jinja file")  # fmt: skip
+
+
+def _run_align_chat(args: argparse.Namespace) -> int:
+    import json
+
+    from .chat import Conversation, align_conversations
+    from .tokenizer import load_tokenizer
+
+    with open(args.chat, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{args.chat}: not JSON ({e.msg})") from None
+    # One conversation (a list of messages, or a mapping), or a list of them.
+    single = isinstance(data, dict) or (isinstance(data, list) and bool(data) and "role" in data[0])
+    if not isinstance(data, list) and not single:
+        raise ValueError(f"{args.chat}: expected a conversation or a list of conversations")
+    conversations = [
+        Conversation.parse(c, f"{args.chat}: conversation {i}") for i, c in enumerate([data] if single else data)
+    ]
+    sides = []
+    for flag, spec, template in (("--student", args.student, args.student_template),
+                                 ("--teacher", args.teacher, args.teacher_template)):  # fmt: skip
+        sides.append((_tokenizer_arg(spec, flag), _chat_template(spec, template, f"{flag}-template")))
+    (student, student_template), (teacher, teacher_template) = sides
+    batch = align_conversations(
+        conversations, student, teacher, student_template=student_template, teacher_template=teacher_template,
+        max_length=args.max_length, train_on=args.train_on,
+    )  # fmt: skip
+    first = 0
+    for b, conversation in enumerate(conversations):
+        flags = conversation.trained(args.train_on)
+        stream = b"".join(m["content"].encode() for m, t in zip(conversation.messages, flags) if t)
+        print(f"conversation {b}: {len(conversation.messages)} messages, {len(stream)} bytes of trained content")
+        for side, adapter in (("student", student), ("teacher", teacher)):
+            mask = getattr(batch, f"{side}_attention_mask")[b].bool()
+            ids = getattr(batch, f"{side}_input_ids")[b][mask].tolist()
+            spans = getattr(batch, f"{side}_spans")[b][mask].tolist()
+            shown = []
+            for token_id, (a, z) in zip(ids, spans):
+                if a < z:
+                    shown.append(repr(stream[a:z].decode("utf-8", errors="backslashreplace")))
+                else:
+                    surface = adapter.surface_bytes[token_id]
+                    text = adapter.token_strings[token_id] if surface is None else surface.decode("utf-8", "replace")
+                    shown.append("[" + repr(text)[1:-1] + "]")
+            print(f"{side} ({adapter.name}), {len(ids)} tokens; [..]: template and untrained tokens (no span)")
+            print("  " + " ".join(shown))
+        rows = _chunk_rows(stream, batch, b, first)
+        first += len(rows)
+        _print_chunk_rows(rows)
     print(batch.stats)
     return 0
 
@@ -213,23 +402,29 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
         help="a teacher folder, optionally with its weight alpha (default 1) and loss "
         "(pkl, hkl, gold, uld, kd, or auto: the coverage audit's choice; default auto); repeat for several",
     )  # fmt: skip
-    p.add_argument("--data", required=True, help="a JSONL file, one object with a text per line")
+    p.add_argument(
+        "--data", required=True,
+        help="a JSONL file, one object per line with a text, or a conversation ('messages', or 'prompt' and "
+        "'completion'), which the student and each teacher render with their own chat templates",
+    )  # fmt: skip
     p.add_argument("--output", required=True, help="folder for checkpoints, W and the trained student")
     p.add_argument("--text-key", default="text", help="the field holding the text (default: text)")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens kept per text and side (default 1024)")
-    p.add_argument("--batch-size", type=int, default=8, help="texts per device and step (default 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    p.add_argument("--max-length", type=_positive_int, default=1024,
+                   help="tokens kept per text and side (default 1024)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="texts per device and step (default 8)")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps (default 1)")
+    p.add_argument("--lr", type=_positive_float, default=5e-5, help="peak learning rate (default 5e-5)")
+    p.add_argument("--epochs", type=_positive_float, default=1.0, help="passes over the data (default 1)")
     p.add_argument("--steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
-    p.add_argument("--save-steps", type=int, default=500, help="save a checkpoint every N steps (default 500)")
-    p.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
+    p.add_argument("--warmup-steps", type=_nonnegative_int, default=0, help="linear warm-up steps (default 0)")
+    p.add_argument("--save-steps", type=_positive_int, default=500,
+                   help="save a checkpoint every N steps (default 500)")
+    p.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N steps (default 10)")
     p.add_argument(
         "--kd-scaling", default="dynamic", metavar="dynamic|W_CE,W_KD",
         help="dynamic scaling (default) or fixed weights of CE and the summed KD, e.g. 0.1,1",
     )  # fmt: skip
-    p.add_argument("--temperature", type=float, default=1.0, help="KD temperature (default 1)")
+    p.add_argument("--temperature", type=_temperature, default=1.0, help="KD temperature (default 1)")
     p.add_argument("--merge", default="first", choices=["first", "mean", "bayes"], help="chunk pooling (default first)")
     p.add_argument(
         "--teacher-dtype", default="model", choices=["model", "float32", "bfloat16"],
@@ -240,9 +435,15 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
         "--fused-linear", action="store_true",
         help="losses from hidden states and lm_head weights, block by block: no [batch, length, vocabulary] logits",
     )  # fmt: skip
+    p.add_argument("--train-on", default="assistant", choices=["assistant", "all"],
+                   help="conversations: train on the assistant messages (default) or on everything")  # fmt: skip
+    p.add_argument("--on-policy", type=float, default=0.0, metavar="LMBDA",
+                   help="conversations: the share of steps on which the student samples the answers (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="on-policy: tokens sampled per answer (default 128)")
+    p.add_argument("--sampling-temperature", type=float, default=1.0, help="on-policy: sampling temperature (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    p.set_defaults(func=_clean_errors(_run_distill))
+    p.set_defaults(func=_run_distill)
 
 
 def _parse_teacher(spec: str) -> tuple[str, float, str]:
@@ -285,24 +486,80 @@ def _kd_scaling(text: str):
     return (w_ce, w_kd)
 
 
-def _read_texts(path: str, key: str) -> list[str]:
+def _read_texts(path: str, key: str) -> list:
     import json
 
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                raise ValueError(f"{path}:{number}: expected an object with a {key!r} text")
-            texts.append(record[key])
+            conversation = isinstance(record, dict) and ("messages" in record or "prompt" in record)
+            if not isinstance(record, dict) or not (isinstance(record.get(key), str) or conversation):
+                raise ValueError(f"{path}:{number}: expected an object with a {key!r} text, or a conversation "
+                                 "('messages', or 'prompt' and 'completion')")  # fmt: skip
+            if texts and isinstance(texts[0], str) != isinstance(record.get(key), str):
+                raise ValueError(f"{path}:{number}: texts and conversations are mixed; use one kind per file")
+            texts.append(record[key] if isinstance(record.get(key), str) else record)
     if not texts:
         raise ValueError(f"{path}: no texts")
     return texts
+
+
+def _check_checkpoint(folder: str) -> None:
+    """Refuse (before any training) to resume from a checkpoint that is incomplete, truncated or garbled, or
+    whose weights are not all finite: training on would overwrite the final model."""
+    import json
+    import os
+    import zipfile
+
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    state_path = os.path.join(folder, "trainer_state.json")
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--resume: {state_path} is missing (an incomplete checkpoint)") from None
+    except ValueError as e:  # invalid UTF-8 or JSON
+        raise ValueError(f"--resume: {state_path}: not valid JSON ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise ValueError(f"--resume: {state_path}: expected a trainer state with an integer global_step")
+    names = sorted(os.listdir(folder))
+    weights = [os.path.join(folder, n) for n in names if n.endswith(".safetensors")]
+    if not weights:
+        raise ValueError(f"--resume: {folder} holds no model weights (*.safetensors)")
+    for path in weights:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        raise ValueError(f"--resume: {path}: the weight {name} holds NaN or inf; resume from an "
+                                         "earlier checkpoint")
+        except SafetensorError as e:
+            raise ValueError(f"--resume: {path}: truncated or not a safetensors file ({e})") from None
+    for path in (os.path.join(folder, n) for n in names if n.endswith((".pt", ".pth", ".bin"))):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                broken = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"--resume: {path}: truncated or unreadable ({e})") from None
+        if broken is not None:
+            raise ValueError(f"--resume: {path}: damaged (entry {broken} fails its checksum)")
 
 
 def _load_causal_lm(folder: str, what: str):
@@ -347,9 +604,13 @@ def _run_distill(args: argparse.Namespace) -> int:
     kd_scaling = _kd_scaling(args.kd_scaling)
     texts = _read_texts(args.data, args.text_key)
     output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output: {output} is a file; give a folder")
     last = get_last_checkpoint(str(output)) if output.is_dir() else None
     if args.resume and last is None:
         raise ValueError(f"--resume: no checkpoint in {output}")
+    if args.resume:
+        _check_checkpoint(last)
     if not args.resume and last is not None:
         raise ValueError(f"{output} holds checkpoints ({os.path.basename(last)}); pass --resume to continue from "
                          "the last one, or choose another --output")
@@ -375,9 +636,11 @@ def _run_distill(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps, seed=args.seed, bf16=args.bf16, report_to=[],
         dataloader_pin_memory=torch.cuda.is_available(),
     )  # fmt: skip
+    generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.sampling_temperature}
     trainer = DistillationTrainer(
         student, training_args, teachers=teachers, student_tokenizer=student_tok, kd_scaling=kd_scaling,
-        max_length=args.max_length, train_dataset=texts, fused_linear=args.fused_linear,
+        max_length=args.max_length, train_dataset=texts, train_on=args.train_on, on_policy=args.on_policy,
+        generation_config=generation, fused_linear=args.fused_linear,
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=last if args.resume else None)
     trainer.save_model(str(output))
@@ -407,7 +670,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=None,
         help="students trained at once, one process and one thread each (default: up to 2, by CPU count)",
     )  # fmt: skip
-    p.set_defaults(func=_clean_errors(_run_demo))
+    p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -422,7 +685,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xtoken", description="cross-tokenizer knowledge distillation")
+    parser = _Parser(prog="xtoken", description="cross-tokenizer knowledge distillation")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_distill, _add_bench, _add_projection, _add_align):
         add(sub)
@@ -430,8 +693,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already reported in one line
+        return e.code
+    return _clean_errors(args.func)(args)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .reference import NEMO_MERGE
+
 __all__ = [
     "METHODS",
     "SETTINGS",
@@ -58,8 +60,27 @@ DIGIT_SPLITTING_PATTERN = (
 )
 DIGIT_PACKING_PATTERN = DIGIT_SPLITTING_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 
-METHODS = {"ce": "CE only", "gold": "CE+GOLD", "pkl": "CE+P-KL", "hkl": "CE+H-KL"}
-"""Student training methods: the teacher loss name (``"ce"``: no teacher) -> the label of the table."""
+METHODS = {
+    "control-ce": "control: teacher's tokenizer, CE only",
+    "control-kd": "control: teacher's tokenizer, CE+KD",
+    "ce": "CE only",
+    "gold": "CE+GOLD",
+    "hkl": "CE+H-KL",
+    "pkl": "CE+P-KL",
+    "pkl-nemo": "CE+P-KL, NeMo's merge",
+    "pkl-learned": "CE+P-KL, learned W",
+    "chain": "CE+chain KL",
+    "pkl+chain": "CE+P-KL (1:1) + chain KL (rest)",
+}
+"""Student training methods -> the label of the table. ``"ce"``: no teacher; ``"gold"``, ``"hkl"``, ``"pkl"``,
+``"chain"``, ``"pkl+chain"``: that cross-tokenizer loss (the student has its own, digit-packing tokenizer), with
+:class:`xtoken.Teacher`'s defaults (``merge="first"``, temperature 1); ``"pkl-nemo"``: P-KL with NeMo-RL's pooling
+(``merge=xtoken.NEMO_MERGE``); ``"pkl-learned"``: P-KL with W's values trained jointly (``learn_projection=True``,
+lr 1e-2, the paper's setting). The two controls train a student of the same size and budget on the *teacher's*
+tokenizer, under CE only and under CE plus same-tokenizer KD: they show what distillation can do in the toy when
+the tokenizers agree."""
+
+_METHOD_LOSSES = {"pkl-nemo": ("pkl", {"merge": NEMO_MERGE}), "pkl-learned": ("pkl", {"learn_projection": True})}
 
 _NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gia", "Hugo", "Ida", "Jon", "Kim", "Leo", "Mia", "Ned")
 _OBJECTS = ("apples", "pens", "coins", "books", "cards", "shells", "stamps", "marbles", "cups", "eggs")
@@ -394,12 +415,21 @@ def prepare(settings: DemoSettings, seed: int) -> DemoData:
 
 @dataclass(frozen=True)
 class StudentVariant:
-    """A student to train: its row label, the teacher loss (``None``: CE only), and options of
-    :meth:`Projection.build` for a W of its own (``None``: the demo's W)."""
+    """A student to train: its row label, the teacher loss (``None``: CE only), options of
+    :meth:`Projection.build` for a W of its own (``None``: the demo's W), further :class:`xtoken.Teacher`
+    arguments (``merge``, ...), and whose tokenizer it uses (``"student"``: the digit-packing one;
+    ``"teacher"``: the teacher's, for the controls)."""
 
     label: str
     loss: str | None
     projection_options: dict[str, Any] | None = None
+    teacher_options: dict[str, Any] | None = None
+    tokenizer: str = "student"
+
+    @property
+    def diagnosed(self) -> bool:
+        """Whether the lone-digit and repdigit diagnostics apply (students with the digit-packing tokenizer)."""
+        return self.tokenizer == "student"
 
 
 def method_variants(methods: Sequence[str]) -> list[StudentVariant]:
@@ -407,7 +437,16 @@ def method_variants(methods: Sequence[str]) -> list[StudentVariant]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; expected some of {list(METHODS)}")
-    return [StudentVariant(METHODS[m], None if m == "ce" else m) for m in methods]
+    variants = []
+    for m in methods:
+        if m.startswith("control-"):
+            variants.append(StudentVariant(METHODS[m], "kd" if m == "control-kd" else None, tokenizer="teacher"))
+        elif m in _METHOD_LOSSES:
+            loss, options = _METHOD_LOSSES[m]
+            variants.append(StudentVariant(METHODS[m], loss, teacher_options=options))
+        else:
+            variants.append(StudentVariant(METHODS[m], None if m == "ce" else m))
+    return variants
 
 
 @dataclass
@@ -488,17 +527,22 @@ def train_students(
     settings = data.settings
     jobs = []
     for variant in variants:
+        if variant.tokenizer not in ("student", "teacher"):
+            raise ValueError(f"{variant.label}: tokenizer must be 'student' or 'teacher', got {variant.tokenizer!r}")
+        tokenizer = data.student_tokenizer if variant.tokenizer == "student" else data.teacher_tokenizer
         teachers = []
         if variant.loss is not None:
-            projection = data.projection
-            if variant.projection_options:
-                projection = Projection.build(data.student_tokenizer, data.teacher_tokenizer,
-                                              **variant.projection_options)
+            projection = None
+            if variant.tokenizer == "student":
+                projection = data.projection
+                if variant.projection_options:
+                    projection = Projection.build(data.student_tokenizer, data.teacher_tokenizer,
+                                                  **variant.projection_options)
             options = HYBRID_OPTIONS if variant.loss in ("gold", "hkl") else None
-            teachers = [Teacher(teacher, data.teacher_tokenizer, projection, loss=variant.loss, options=options)]
-        jobs.append(_Job(variant.label, data.student_tokenizer, settings.student, data.seed + 2,
-                         settings.student_steps, settings.student_lr, teachers, settings, data.seed, data.texts,
-                         data.test))  # fmt: skip
+            teachers = [Teacher(teacher, data.teacher_tokenizer, projection, loss=variant.loss, options=options,
+                                **(variant.teacher_options or {}))]
+        jobs.append(_Job(variant.label, tokenizer, settings.student, data.seed + 2, settings.student_steps,
+                         settings.student_lr, teachers, settings, data.seed, data.texts, data.test))
     log(f"training {len(jobs)} students (same initialization, batches and steps; {min(workers, max(len(jobs), 1))} "
         "at a time)")
     return _run_jobs(jobs, workers, log)
@@ -559,7 +603,7 @@ def run_demo(
     result.record("teacher", data.test, answers, seconds, student=False)
     log(f"  teacher  exact match {result.accuracy['teacher']:.1%} ({seconds:.0f} s)")
     for variant, (answers, seconds) in zip(variants, train_students(data, teacher, variants, workers=workers, log=log)):
-        result.record(variant.label, data.test, answers, seconds, student=True)
+        result.record(variant.label, data.test, answers, seconds, student=variant.diagnosed)
         log(f"  {variant.label:<8} exact match {result.accuracy[variant.label]:.1%} ({seconds:.0f} s)")
     result.seconds["total"] = time.perf_counter() - clock
     log(f"\nexact-match answer accuracy on {len(data.test):,} held-out problems (greedy generation):\n"

@@ -22,7 +22,19 @@ import numpy as np
 import torch
 
 from . import fused_linear, losses
-from .align import CHUNK_SHAPES, AlignStats, _pad, align_spans, as_span_tokenizer
+from . import checks
+from .align import CHUNK_SHAPES, AlignStats, _max_length, _pad, align_spans, as_span_tokenizer, example_texts
+from .chat import (
+    ChatTemplate,
+    Conversation,
+    _align_sides,
+    _check_train_on,
+    _encode_side,
+    _message_starts,
+    render_prompts,
+)
+from .pieces import PieceTables
+from .nn import LearnedProjection
 from .projection import Projection
 from .tokenizer import load_tokenizer
 
@@ -48,31 +60,51 @@ __all__ = [
 
 @dataclass(frozen=True)
 class _LossEntry:
-    """``mapping(projection)`` makes, once per teacher, what the loss reads besides logits and chunks (W, the
-    common pairs, or nothing); ``function`` is the functional loss, called as
+    """``mapping(projection, student_tokenizer, teacher_tokenizer, student_vocab_size)`` makes, once per
+    teacher, what the loss reads besides logits and chunks (W, the common pairs, the piece tables, or
+    nothing); ``function`` is the functional loss, called as
     ``function(student_logits, teacher_logits, chunks[, mapping], **options)``, and ``fused`` its fused linear
     form, ``fused(student_hidden, student_weight, teacher_hidden, teacher_weight, chunks[, mapping], **options)``."""
 
     function: Callable[..., torch.Tensor]
-    mapping: Callable[[Projection | None], Any]
+    mapping: Callable[..., Any]
     fused: Callable[..., Any]
 
 
-def _projection(projection: Projection | None) -> Projection:
+def _projection(projection: Projection | None, *context: Any) -> Projection:
     if projection is None:
         raise ValueError("needs a projection W (Projection.build(student_tokenizer, teacher_tokenizer))")
     return projection
 
 
-def _pairs(kind: str) -> Callable[[Projection | None], torch.Tensor]:
-    def pairs(projection: Projection | None) -> torch.Tensor:
+def _pairs(kind: str) -> Callable[..., torch.Tensor]:
+    def pairs(projection: Projection | None, *context: Any) -> torch.Tensor:
         return _projection(projection).common_pairs(kind)
 
     return pairs
 
 
-def _nothing(projection: Projection | None) -> None:
+def _nothing(projection: Projection | None, *context: Any) -> None:
     return None
+
+
+def _piece_tables(projection: Projection | None, student: Any, teacher: Any, student_vocab_size: int | None):
+    if teacher is None:
+        raise ValueError("needs the teacher's tokenizer (the piece tables spell each vocabulary in the other)")
+    return PieceTables.build(student, teacher, student_vocab_size=student_vocab_size)
+
+
+def _projection_and_pieces(projection: Projection | None, *context: Any) -> tuple[Projection, PieceTables]:
+    return _projection(projection), _piece_tables(projection, *context)
+
+
+def _pkl_chain(student_logits, teacher_logits, chunks, mapping, **options) -> torch.Tensor:
+    return losses.pkl_chain_loss(student_logits, teacher_logits, chunks, *mapping, **options)
+
+
+def _fused_pkl_chain(student_hidden, student_weight, teacher_hidden, teacher_weight, chunks, mapping, **options):
+    return fused_linear.fused_linear_pkl_chain_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                                    chunks, *mapping, **options)
 
 
 _LOSSES: dict[str, _LossEntry] = {
@@ -86,6 +118,10 @@ _LOSSES: dict[str, _LossEntry] = {
     "uld": _LossEntry(losses.uld_loss, _nothing, fused_linear.fused_linear_uld_loss),
     # plain KD from a teacher with the student's tokenizer
     "kd": _LossEntry(losses.kd_loss, _nothing, fused_linear.fused_linear_kd_loss),
+    # chain KL along the realized pieces
+    "chain": _LossEntry(losses.chain_loss, _piece_tables, fused_linear.fused_linear_chain_loss),
+    # P-KL on 1:1 chunks, chain KL on the rest
+    "pkl+chain": _LossEntry(_pkl_chain, _projection_and_pieces, _fused_pkl_chain),
 }
 LOSS_NAMES = (*_LOSSES, "auto")
 """What a teacher's ``loss`` may be: a loss name, or ``"auto"`` (the coverage audit's recommendation for
@@ -113,10 +149,18 @@ class Teacher:
         weight: alpha_m, the teacher's static weight in ``L_kd_total = sum_m alpha_m L_m``.
         dtype: the dtype the teacher runs in (e.g. ``torch.bfloat16``); ``None`` keeps the model's. Its
             logits are cast to the student logits' dtype for the loss.
-        temperature, merge: as in :func:`xtoken.pkl_loss` (SPEC.md §3, §4).
+        temperature, merge: as in :func:`xtoken.pkl_loss` (SPEC.md §3, §4); ``merge`` is one name for both
+            sides or a pair ``(student_merge, teacher_merge)``, e.g. ``xtoken.NEMO_MERGE`` (NeMo-RL's pooling).
         options: further keyword arguments of the loss (``matched``, ``beta``, ``uld_topk``, ``weights``
             for the hybrid losses).
         name: the name the logs use (default ``teacher<i>``, ``i`` its position in the run).
+        chat_template: how this teacher renders conversations (:class:`xtoken.chat.ChatTemplate`'s
+            ``template``: a Jinja string, a name in ``xtoken.chat.CHAT_TEMPLATES`` or a callable); ``None``: its
+            tokenizer's own template (the student's for a teacher with the student's tokenizer).
+        learn_projection: train W's values jointly with the student (X-Token's learned W; P-KL only, the support
+            fixed, each row kept stochastic: :class:`xtoken.nn.LearnedProjection`). The trainer gives them their
+            own optimizer group and saves the learned W with every checkpoint.
+        projection_lr: the learning rate of W's values (the paper's 1e-2), under the run's schedule.
     """
 
     model: torch.nn.Module
@@ -126,9 +170,12 @@ class Teacher:
     weight: float = 1.0
     dtype: torch.dtype | None = None
     temperature: float = 1.0
-    merge: str = "first"
+    merge: str | tuple[str, str] = "first"
     options: dict[str, Any] | None = None
     name: str | None = None
+    chat_template: Any = None
+    learn_projection: bool = False
+    projection_lr: float = 1e-2
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, torch.nn.Module):
@@ -144,6 +191,11 @@ class Teacher:
         if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise ValueError(f"Teacher.dtype: expected a floating torch.dtype or None, got {self.dtype!r}")
         losses._check_options(self.temperature, self.merge, "sum")
+        if not isinstance(self.learn_projection, bool):
+            raise TypeError(f"Teacher.learn_projection: expected a bool, got {self.learn_projection!r}")
+        if not (isinstance(self.projection_lr, (int, float)) and math.isfinite(self.projection_lr)
+                and self.projection_lr > 0):
+            raise ValueError(f"Teacher.projection_lr: expected a finite number > 0, got {self.projection_lr!r}")
 
     def resolved_loss(self) -> str:
         """The loss this teacher uses: ``loss``, or for ``"auto"`` the audit's recommendation (``"kd"``
@@ -162,7 +214,8 @@ class Teacher:
 
 @dataclass(frozen=True)
 class PreparedTeacher:
-    """A teacher ready for the loss: its name, resolved loss and what that loss reads (``mapping``)."""
+    """A teacher ready for the loss: its name, resolved loss and what that loss reads (``mapping``: W, a
+    :class:`xtoken.nn.LearnedProjection` for a teacher with ``learn_projection``, the common pairs, or None)."""
 
     teacher: Teacher
     name: str
@@ -198,7 +251,7 @@ def prepare_teachers(
         if loss == "kd" and teacher.tokenizer is not None and load_tokenizer(teacher.tokenizer).vocab_hash != student.vocab_hash:
             raise ValueError(f"{where}: KD needs the student's vocabulary; give a projection and another loss")
         projection = teacher.projection
-        if projection is None and loss not in ("kd", "uld"):
+        if projection is None and loss not in ("kd", "uld", "chain"):
             raise ValueError(
                 f"{where}: no projection was given; this loss needs "
                 "Projection.build(student_tokenizer, teacher_tokenizer)"
@@ -209,9 +262,18 @@ def prepare_teachers(
             if student_vocab_size is not None and student_vocab_size > projection.student_vocab_size:
                 projection = projection.pad_to(student_vocab_size)
         try:
-            mapping = _LOSSES[loss].mapping(projection)
+            teacher_tokenizer = None if teacher.tokenizer is None else load_tokenizer(teacher.tokenizer)
+            mapping = _LOSSES[loss].mapping(projection, student, teacher_tokenizer, student_vocab_size)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
+        if teacher.learn_projection:
+            if loss != "pkl":
+                raise ValueError(
+                    f"{where}: learn_projection trains W's values through P-KL's gradient; {loss!r} reads no W values "
+                    "that could learn (H-KL and GOLD use only W's largest weight per row and its pairs). Use "
+                    "loss='pkl' or learn_projection=False"
+                )
+            mapping = LearnedProjection(mapping)
         prepared.append(PreparedTeacher(teacher, name, loss, mapping))
     return prepared
 
@@ -360,19 +422,27 @@ class DistillationCollator:
     """A DataLoader ``collate_fn`` for distillation: tokenizes a batch of texts for the student once and for
     every teacher, and aligns the student with each teacher (SPEC.md §2). Picklable.
 
-    Each example is a text, or a mapping holding one under ``text_key``. A batch is a dict:
+    Each example is a text, or a mapping holding one under ``text_key``; or, for chat data, a conversation (a
+    list of ``{"role", "content"}`` messages, a mapping with ``"messages"``, or one with ``"prompt"`` and
+    ``"completion"``), which every side renders with its own chat template (:mod:`xtoken.chat`). A batch is a dict:
 
-    - ``input_ids``, ``attention_mask`` (int64 ``[B, T_s]``), ``labels`` (``input_ids`` with -100 at padding)
-      and ``student_targets`` (int64 ``[B * T_s]``, the realized next token of each row, -1 where none);
+    - ``input_ids``, ``attention_mask`` (int64 ``[B, T_s]``), ``labels`` (``input_ids`` with -100 at padding;
+      for conversations also at the template and the untrained messages) and ``student_targets`` (int64
+      ``[B * T_s]``, the realized next token of each row, -1 where none);
     - ``teachers``: one dict per teacher with ``input_ids``, ``attention_mask``, ``teacher_targets``,
-      ``chunks`` (int32 ``[K, 4]`` over flattened rows) and ``chunk_stats`` (int64, :data:`CHUNK_STAT_NAMES`).
+      ``chunks`` (int32 ``[K, 4]`` over flattened rows) and ``chunk_stats`` (int64, :data:`CHUNK_STAT_NAMES`);
+    - for conversations, ``conversations``: the parsed :class:`xtoken.chat.Conversation` objects (on-policy
+      training re-renders them with the student's completions).
 
     Args:
         student_tokenizer: the student's tokenizer (anything :func:`xtoken.align.as_span_tokenizer` takes).
         teacher_tokenizers: one tokenizer per teacher (``None``: the student's), or :class:`Teacher` objects.
         max_length: keep at most this many tokens per text on each side (special tokens included).
-        add_special_tokens: let each tokenizer add its BOS/EOS.
+        add_special_tokens: let each tokenizer add its BOS/EOS (texts only: a chat template writes its own).
         text_key: the field holding the text in mapping examples.
+        student_chat_template: how the student renders conversations (``None``: its tokenizer's own template).
+        train_on: ``"assistant"`` or ``"all"``: what the losses and the CE train on in a conversation
+            (:func:`xtoken.align_conversations`).
     """
 
     def __init__(
@@ -383,33 +453,38 @@ class DistillationCollator:
         *,
         add_special_tokens: bool = True,
         text_key: str = "text",
+        student_chat_template: Any = None,
+        train_on: str = "assistant",
     ) -> None:
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-            raise ValueError(f"max_length: expected a positive int or None, got {max_length!r}")
+        max_length = _max_length(max_length)
+        _check_train_on(train_on)
         self.student = as_span_tokenizer(student_tokenizer)
         tokenizers = [t.tokenizer if isinstance(t, Teacher) else t for t in teacher_tokenizers]
         self.teachers = [self.student if t is None else as_span_tokenizer(t) for t in tokenizers]
         self.max_length = max_length
         self.add_special_tokens = add_special_tokens
         self.text_key = text_key
+        self.train_on = train_on
+        self.student_template = ChatTemplate(student_tokenizer, student_chat_template)
+        self.teacher_templates = []
+        for t, tokenizer in zip(teacher_tokenizers, tokenizers):
+            template = t.chat_template if isinstance(t, Teacher) else None
+            if tokenizer is None and template is None:
+                self.teacher_templates.append(self.student_template)
+            else:
+                own = student_tokenizer if tokenizer is None else tokenizer
+                self.teacher_templates.append(ChatTemplate(own, template))
 
     def _texts(self, examples: Sequence) -> list[str]:
-        texts = []
-        for i, example in enumerate(examples):
-            text = example if isinstance(example, str) else example.get(self.text_key) if hasattr(example, "get") else None
-            if not isinstance(text, str):
-                raise TypeError(
-                    f"example {i}: expected a text or a mapping with a {self.text_key!r} text, got "
-                    f"{type(example).__name__}"
-                )
-            texts.append(text)
-        return texts
+        return checks.texts(example_texts(examples, self.text_key), "examples")
 
     def _encode(self, tokenizer, texts: list[str]):
         encoded = tokenizer.encode_spans(texts, add_special_tokens=self.add_special_tokens, max_length=self.max_length)
         return _pad(encoded, tokenizer.pad_token_id, left=False)
 
     def __call__(self, examples: Sequence) -> dict[str, Any]:
+        if examples and _is_conversation(examples[0], self.text_key):
+            return self.collate_conversations([Conversation.parse(e, f"example {i}") for i, e in enumerate(examples)])
         texts = self._texts(examples)
         student = self._encode(self.student, texts)
         batch: dict[str, Any] = {
@@ -434,6 +509,57 @@ class DistillationCollator:
                 "chunk_stats": _stat_vector(AlignStats.compute(chunks, alignment.dropped)),
             })  # fmt: skip
         return batch
+
+
+    def collate_conversations(
+        self, conversations: Sequence[Conversation], train_on: str | None = None
+    ) -> dict[str, Any]:
+        """The batch of a list of :class:`xtoken.chat.Conversation` (``train_on`` overrides the collator's)."""
+        train_on = train_on or self.train_on
+        _check_train_on(train_on)
+        trained = [c.trained(train_on) for c in conversations]
+        options = dict(train_on=train_on, max_length=self.max_length, left=False)
+        student = _encode_side(
+            self.student, self.student_template, conversations, trained, side="student", **options
+        )
+        batch: dict[str, Any] = {
+            "input_ids": student.padded.input_ids,
+            "attention_mask": student.padded.attention_mask,
+            "labels": student.labels,
+            "student_targets": student.padded.targets,
+            "teachers": [],
+            "conversations": list(conversations),
+        }
+        starts = _message_starts(conversations, trained)
+        encoded = {(id(self.student), id(self.student_template)): student}
+        for i, (tokenizer, template) in enumerate(zip(self.teachers, self.teacher_templates)):
+            key = (id(tokenizer), id(template))
+            if key not in encoded:
+                encoded[key] = _encode_side(tokenizer, template, conversations, trained, side=f"teacher {i}", **options)
+            teacher = encoded[key].padded
+            chunks, _, stats = _align_sides(student.padded, teacher, starts, "right")
+            batch["teachers"].append({
+                "input_ids": teacher.input_ids,
+                "attention_mask": teacher.attention_mask,
+                "teacher_targets": teacher.targets,
+                "chunks": chunks,
+                "chunk_stats": _stat_vector(stats),
+            })  # fmt: skip
+        return batch
+
+    def generation_prompts(self, conversations: Sequence[Conversation]) -> list[tuple[str, list[int]]]:
+        """Each conversation's prompt as the student continues it, ``(text, ids)``
+        (:func:`xtoken.chat.render_prompts`)."""
+        return render_prompts(conversations, self.student, self.student_template)
+
+
+def _is_conversation(example: Any, text_key: str) -> bool:
+    """Whether a dataset example is a conversation (messages, or a prompt/completion mapping), not a text."""
+    if isinstance(example, Conversation):
+        return True
+    if hasattr(example, "get"):
+        return not isinstance(example.get(text_key), str) and ("messages" in example or "prompt" in example)
+    return isinstance(example, (list, tuple)) and bool(example) and isinstance(example[0], dict)
 
 
 def chunk_stats_summary(stats: np.ndarray | torch.Tensor) -> dict[str, float]:

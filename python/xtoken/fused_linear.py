@@ -27,14 +27,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import checks
 from . import ops as _ops
-from .losses import _check_hybrid_options, _check_options, _chunk_table, _pair_table, _targets
-from .projection import Projection
-from .reference import hybrid_weights
+from .losses import _check_hybrid_options, _check_options, _chunk_table, _pair_table, _projection_args, _targets
+from .pieces import PieceTables
+from .reference import hybrid_weights, merge_pair
 
 __all__ = [
     "fused_linear_pkl_loss", "fused_linear_gold_loss", "fused_linear_hkl_loss", "fused_linear_uld_loss",
-    "fused_linear_kd_loss", "default_block_rows", "plan_blocks",
+    "fused_linear_kd_loss", "fused_linear_chain_loss", "fused_linear_pkl_chain_loss", "default_block_rows",
+    "plan_blocks",
 ]  # fmt: skip
 
 
@@ -49,14 +51,21 @@ class _Kernel:
 
     ``columns``: terms per chunk (1: losses ``[K]``; more: ``[K, columns]``, weighted by the caller's
     ``term_weights``). ``teacher_rows_after``: teacher rows the kernel reads after a chunk's ``[t0, t1)``
-    (a chunk's student rows are always ``[s0, s1)``)."""
+    (a chunk's student rows are always ``[s0, s1)``). ``option_grad``: the kernel option that may receive a
+    gradient (the backward then takes ``bool <option>_grad`` last and returns ``(grad_student, grad_option)``)."""
 
     name: str
     columns: int = 1
     teacher_rows_after: int = 0
+    option_grad: str | None = None
 
 
-_KERNELS = {k.name: k for k in (_Kernel("pkl_loss"), _Kernel("hybrid_loss", columns=2), _Kernel("kd_loss"))}
+_KERNELS = {k.name: k for k in (
+    _Kernel("pkl_loss", option_grad="proj_val"),  # a learned W's values
+    _Kernel("hybrid_loss", columns=2),
+    _Kernel("kd_loss"),
+    _Kernel("chain_loss", teacher_rows_after=1),  # the level after a 1:1 or 1:N chunk reads teacher row t1
+)}  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------
 # Block plan: which rows each block computes, and its chunk table in block-local rows.
@@ -160,8 +169,10 @@ _HEAD = ("Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Te
 _TAIL = ("Tensor? student_targets, Tensor? teacher_targets, Tensor? ce_targets, float[] term_weights, str reduction, "
          "int block_rows, ScalarType accum_dtype, bool[] needs_grad, Tensor? grad_losses, Tensor? grad_ce")
 _RETURNS = ("(Tensor loss, Tensor ce_loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, "
-            "Tensor ce_grad_hidden, Tensor ce_grad_weight, Tensor ce_grad_bias)")
+            "Tensor grad_option, Tensor ce_grad_hidden, Tensor ce_grad_weight, Tensor ce_grad_bias, "
+            "Tensor ce_grad_option)")
 _N_HEAD, _N_TAIL = 7, 10
+_N_GRADS = 4  # per loss: grad_hidden, grad_weight, grad_bias and the kernel option's (needs_grad has one each)
 
 
 @dataclass(frozen=True)
@@ -169,6 +180,7 @@ class _Op:
     kernel: _Kernel
     options: int  # how many of the kernel's own arguments sit between chunks and the targets
     temperature: int  # the index of "temperature" among them
+    option_grad: int | None  # the index of the option that may receive a gradient
 
 
 _OPS: dict[str, _Op] = {}
@@ -200,7 +212,8 @@ def _define(kernel: _Kernel, lib: torch.library.Library) -> None:
     options = _schema_arguments(schema)[3:-2]
     op = f"fused_linear_{kernel.name}"
     lib.define(f"{op}({_HEAD}, {', '.join(options)}, {_TAIL}) -> {_RETURNS}")
-    _OPS[op] = _Op(kernel, len(options), names[3:-2].index("temperature"))
+    option_grad = None if kernel.option_grad is None else names[3:-2].index(kernel.option_grad)
+    _OPS[op] = _Op(kernel, len(options), names[3:-2].index("temperature"), option_grad)
     qualname = f"xtoken::{op}"
     torch.library.impl(qualname, "CompositeExplicitAutograd", lib=lib)(functools.partial(_forward, op))
     torch.library.register_fake(qualname, functools.partial(_fake, op), lib=lib)
@@ -254,44 +267,53 @@ class _Call:
         return not self.gradient_mode and self.reduction != "none" and any(self.needs_grad)
 
 
-def _grad_shapes(c: _Call) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """Shapes and dtypes of (grad_hidden, grad_weight, grad_bias) for one loss; () shapes mark 'not computed'."""
+def _grad_shapes(c: _Call, op: str, distillation: bool = True) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of (grad_hidden, grad_weight, grad_bias, grad_option) for one loss (``distillation``
+    False: the CE, which reads no option); (0,) shapes mark 'not computed'."""
     acc = _ops._accumulate_dtype(c.student_hidden.dtype)
     weight_acc = torch.float64 if c.student_weight.dtype == torch.float64 else c.accum_dtype
-    wanted = [c.needs_grad[0], c.needs_grad[1], c.needs_grad[2] and c.student_bias is not None]
-    shapes = [tuple(c.student_hidden.shape), tuple(c.student_weight.shape), (c.student_weight.shape[0],)]
-    return [(shape if want else (0,), dtype) for want, shape, dtype in zip(wanted, shapes, (acc, weight_acc, acc))]
+    index = _OPS[op].option_grad
+    option = None if index is None else c.options[index]
+    wanted = [c.needs_grad[0], c.needs_grad[1], c.needs_grad[2] and c.student_bias is not None,
+              distillation and option is not None and c.needs_grad[3]]
+    shapes = [tuple(c.student_hidden.shape), tuple(c.student_weight.shape), (c.student_weight.shape[0],),
+              (0,) if option is None else tuple(option.shape)]
+    dtypes = (acc, weight_acc, acc, acc if option is None else option.dtype)
+    return [(shape if want else (0,), dtype) for want, shape, dtype in zip(wanted, shapes, dtypes)]
 
 
-def _output_shapes(c: _Call) -> list[tuple[tuple[int, ...], torch.dtype]]:
+def _output_shapes(c: _Call, op: str) -> list[tuple[tuple[int, ...], torch.dtype]]:
     acc = _ops._accumulate_dtype(c.student_hidden.dtype)
     none = c.reduction == "none"
     loss = ((c.chunks.shape[0],) if none else (), acc)
     ce = ((c.student_hidden.shape[0],) if none and c.ce_targets is not None else (), acc)
-    empty = [((0,), acc)] * 3
+    empty = [((0,), acc)] * _N_GRADS
     if c.gradient_mode:
-        return [loss, ce, *_grad_shapes(c), *empty]
+        return [loss, ce, *_grad_shapes(c, op), *empty]
     if c.precompute:
-        return [loss, ce, *_grad_shapes(c), *(_grad_shapes(c) if c.ce_targets is not None else empty)]
+        return [loss, ce, *_grad_shapes(c, op), *(_grad_shapes(c, op, False) if c.ce_targets is not None else empty)]
     return [loss, ce, *empty, *empty]
 
 
 def _fake(op: str, *args):
+    # As every xtoken fake kernel: all tensor arguments on one device (a meta tensor mixed with real ones raises).
+    names = [a.name for a in getattr(torch.ops.xtoken, op).default._schema.arguments]
+    checks.same_device({n: a for n, a in zip(names, args) if isinstance(a, torch.Tensor)}, op)
     c = _Call.parse(op, args)
-    return tuple(c.student_hidden.new_empty(shape, dtype=dtype) for shape, dtype in _output_shapes(c))
+    return tuple(c.student_hidden.new_empty(shape, dtype=dtype) for shape, dtype in _output_shapes(c, op))
 
 
 class _Gradients:
-    """grad_hidden, grad_weight and grad_bias of one loss, accumulated block by block."""
+    """grad_hidden, grad_weight, grad_bias and grad_option of one loss, accumulated block by block."""
 
-    def __init__(self, c: _Call) -> None:
+    def __init__(self, c: _Call, op: str, distillation: bool = True) -> None:
         dev = c.student_hidden.device
-        self.tensors = [torch.zeros(shape, dtype=dtype, device=dev) for shape, dtype in _grad_shapes(c)]
+        self.tensors = [torch.zeros(shape, dtype=dtype, device=dev) for shape, dtype in _grad_shapes(c, op, distillation)]
         self.wanted = [t.numel() > 0 for t in self.tensors]
 
     def add(self, dz: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> None:
         """A block's logit gradient ``dz [n, V_s]`` for its student ``rows`` (``hidden`` = those rows)."""
-        grad_hidden, grad_weight, grad_bias = self.tensors
+        grad_hidden, grad_weight, grad_bias, _ = self.tensors
         if self.wanted[0]:  # each row belongs to one block: written once, no accumulation across blocks
             grad_hidden.index_copy_(0, rows, torch.mm(dz, weight).to(grad_hidden.dtype))
         if self.wanted[1]:
@@ -362,8 +384,9 @@ def _run_blocks(op: str, c: _Call):
     weights = torch.tensor(c.term_weights, dtype=acc, device=device) * tau**2
     with_grads = c.gradient_mode or c.precompute
     separate_ce = c.precompute and c.ce_targets is not None
-    grads = _Gradients(c) if with_grads else None
-    ce_grads = _Gradients(c) if separate_ce else None
+    grads = _Gradients(c, op) if with_grads else None
+    ce_grads = _Gradients(c, op, False) if separate_ce else None
+    option_grad = () if spec.option_grad is None else (grads is not None and grads.wanted[3],)
     # d loss / d terms of each chunk (x tau^2 and the term weights below), and d loss / d ce of each row.
     if c.gradient_mode:
         chunk_scale = c.grad_losses.to(acc)
@@ -392,7 +415,11 @@ def _run_blocks(op: str, c: _Call):
             if with_grads:
                 grad_terms = chunk_scale[chunk_slice].unsqueeze(1) * weights
                 grad_terms = grad_terms.reshape(block_terms.shape).to(block_terms.dtype)
-                dz = bwd(grad_terms, zs, zt, local, *c.options, *targets, lse_s, lse_t)
+                dz = bwd(grad_terms, zs, zt, local, *c.options, *targets, lse_s, lse_t, *option_grad)
+                if option_grad:  # (grad_student, grad_option): the option's gradient summed over the blocks
+                    dz, block_option_grad = dz
+                    if option_grad[0]:
+                        grads.tensors[3].add_(block_option_grad)
             del zt
         if c.ce_targets is not None:
             ce_targets = c.ce_targets.index_select(0, student_rows)
@@ -418,7 +445,7 @@ def _run_blocks(op: str, c: _Call):
             loss, ce = loss / max(K, 1), ce / max(ce_count, 1)
     outputs = [loss, ce]
     for gradients in (grads, ce_grads):
-        outputs += gradients.tensors if gradients is not None else [hs_all.new_empty((0,), dtype=acc) for _ in range(3)]
+        outputs += gradients.tensors if gradients is not None else [hs_all.new_empty((0,), dtype=acc) for _ in range(_N_GRADS)]
     return tuple(outputs)
 
 
@@ -427,8 +454,10 @@ def _setup(op: str, ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(*output[2:])
     ctx.set_materialize_grads(False)  # no zero gradient of a weight's size for the gradient outputs
     ctx.op, ctx.precompute = op, c.precompute
+    index = _OPS[op].option_grad
     ctx.dtypes = (c.student_hidden.dtype, c.student_weight.dtype,
-                  None if c.student_bias is None else c.student_bias.dtype)
+                  None if c.student_bias is None else c.student_bias.dtype,
+                  None if index is None else c.options[index].dtype)
     ctx.has_ce = c.ce_targets is not None
     if c.precompute:
         # Held by ctx, not saved for backward: the backward drops them, so that autograd can hand the weight-sized
@@ -460,14 +489,14 @@ def _backward(op: str, ctx, grad_loss, grad_ce, *_unused):
                 "hands them over in the backward, so it supports one backward per forward (no retain_graph=True "
                 "reuse); call the loss again, or use reduction='none'"
             )
-        grads, ce_grads = ctx.precomputed[:3], (ctx.precomputed[3:] if ctx.has_ce else None)
+        grads, ce_grads = ctx.precomputed[:_N_GRADS], (ctx.precomputed[_N_GRADS:] if ctx.has_ce else None)
         ctx.precomputed = None
         for i, g in enumerate(grads):
             if g.numel() == 0:
                 grads[i] = None
                 continue
             g = g.mul_(grad_loss.to(g.dtype)) if in_place else g * grad_loss.to(g.dtype)
-            if ce_grads is not None:
+            if ce_grads is not None and ce_grads[i].numel() > 0:
                 scale = grad_ce.to(g.dtype)
                 g = g.addcmul_(ce_grads[i], scale) if in_place else g + ce_grads[i] * scale
             grads[i] = g
@@ -478,12 +507,15 @@ def _backward(op: str, ctx, grad_loss, grad_ce, *_unused):
         c = _Call.parse(op, tuple(args))
         c.grad_losses = grad_loss.expand(c.chunks.shape[0])
         c.grad_ce = grad_ce.expand(c.student_hidden.shape[0]) if ctx.has_ce else None
-        grads = list(getattr(torch.ops.xtoken, op)(*c.args())[2:5])
+        grads = list(getattr(torch.ops.xtoken, op)(*c.args())[2 : 2 + _N_GRADS])
         grads = [None if g.numel() == 0 else g for g in grads]
     else:
-        grads = [None, None, None]
+        grads = [None] * _N_GRADS
     grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-    return (*grads, *([None] * (n_inputs - 3)))
+    result = [*grads[:3], *([None] * (n_inputs - 3))]
+    if _OPS[op].option_grad is not None:
+        result[_N_HEAD + _OPS[op].option_grad] = grads[3]
+    return tuple(result)
 
 
 _LIB = torch.library.Library("xtoken", "FRAGMENT")
@@ -493,6 +525,12 @@ for _kernel in _KERNELS.values():
 
 # ---------------------------------------------------------------------------------------------
 # The public functions.
+
+
+def _check_weight(weight, name: str) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{name}: expected the lm_head weight [V, H], got "
+                         f"{getattr(weight, 'shape', type(weight).__name__)}")
 
 
 def _linear_side(hidden, weight, bias, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -528,8 +566,8 @@ def _fused(kernel: str, student_hidden, student_weight, teacher_hidden, teacher_
         raise ValueError(f"teacher_hidden: expected the device of student_hidden ({hs.device}), got {ht.device}")
     if block_rows is None:
         block_rows = default_block_rows(hs.shape[0], W_s.shape[0], W_t.shape[0], W_s.shape[1])
-    elif isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
-        raise ValueError(f"block_rows: expected None or an int >= 1, got {block_rows!r}")
+    else:
+        block_rows = checks.count(block_rows, "block_rows", minimum=1)
     if not (isinstance(accum_dtype, torch.dtype) and accum_dtype.is_floating_point):
         raise ValueError(f"accum_dtype: expected a floating torch.dtype, got {accum_dtype!r}")
     ce = _targets(ce_targets, "ce_targets", hs.device)
@@ -540,7 +578,9 @@ def _fused(kernel: str, student_hidden, student_weight, teacher_hidden, teacher_
         hs, W_s, ht, W_t = (t.to(dtype) for t in (hs, W_s, ht, W_t))
         b_s, b_t = (None if b is None else b.to(dtype) for b in (b_s, b_t))
     grad_enabled = torch.is_grad_enabled()
-    needs_grad = [grad_enabled and t is not None and t.requires_grad for t in (hs, W_s, b_s)]
+    index = _OPS[f"fused_linear_{kernel}"].option_grad
+    option = None if index is None else options[index]
+    needs_grad = [grad_enabled and t is not None and t.requires_grad for t in (hs, W_s, b_s, option)]
     op = getattr(torch.ops.xtoken, f"fused_linear_{kernel}")
     out = op(
         hs, W_s, b_s, ht.detach(), W_t.detach(), None if b_t is None else b_t.detach(),
@@ -587,12 +627,12 @@ def fused_linear_pkl_loss(
     teacher_hidden: torch.Tensor,
     teacher_weight: torch.Tensor,
     chunks: torch.Tensor,
-    projection: Projection,
+    projection,
     *,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     reduction: str = "mean",
     student_targets: torch.Tensor | None = None,
     teacher_targets: torch.Tensor | None = None,
@@ -603,13 +643,9 @@ def fused_linear_pkl_loss(
     """:func:`xtoken.pkl_loss` of the logits ``hidden @ weight^T (+ bias)`` of both sides, computed block by
     block without materializing them."""
     _check_options(temperature, merge, reduction)
-    if not isinstance(projection, Projection):
-        raise TypeError(f"projection: expected an xtoken.Projection, got {type(projection).__name__}")
-    if not isinstance(teacher_weight, torch.Tensor) or teacher_weight.dim() != 2:
-        raise ValueError(f"teacher_weight: expected the lm_head weight [V, H], got "
-                         f"{getattr(teacher_weight, 'shape', type(teacher_weight).__name__)}")
-    W = projection.to(teacher_weight.device)
-    options = (*W.kernel_args(teacher_weight.shape[0]), float(temperature), merge)
+    _check_weight(teacher_weight, "teacher_weight")
+    options = (*_projection_args(projection, teacher_weight.device, teacher_weight.shape[0]), float(temperature),
+               *merge_pair(merge))
     return _fused(
         "pkl_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, chunks, options,
         student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction, student_targets=student_targets,
@@ -620,11 +656,9 @@ def fused_linear_pkl_loss(
 def _fused_hybrid(student_hidden, student_weight, teacher_hidden, teacher_weight, chunks, pairs, *, temperature,
                   merge, matched, beta, uld_topk, weights, **kwargs):
     _check_options(temperature, merge, kwargs["reduction"])
-    _check_hybrid_options(matched, beta, uld_topk, weights)
-    if not isinstance(teacher_weight, torch.Tensor) or teacher_weight.dim() != 2:
-        raise ValueError(f"teacher_weight: expected the lm_head weight [V, H], got "
-                         f"{getattr(teacher_weight, 'shape', type(teacher_weight).__name__)}")
-    options = (pairs, float(temperature), merge, matched, float(beta), uld_topk)
+    beta, uld_topk, weights = _check_hybrid_options(matched, beta, uld_topk, weights)
+    _check_weight(teacher_weight, "teacher_weight")
+    options = (pairs, float(temperature), *merge_pair(merge), matched, beta, uld_topk)
     term_weights = hybrid_weights(weights, pairs.shape[0], teacher_weight.shape[0])
     return _fused("hybrid_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, chunks, options,
                   term_weights=term_weights, **kwargs)
@@ -641,7 +675,7 @@ def fused_linear_gold_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     matched: str = "kl",
     beta: float = 0.5,
     uld_topk: int | None = 8192,
@@ -675,7 +709,7 @@ def fused_linear_hkl_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     matched: str = "kl",
     beta: float = 0.5,
     uld_topk: int | None = 8192,
@@ -708,7 +742,7 @@ def fused_linear_uld_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     uld_topk: int | None = 8192,
     reduction: str = "mean",
     student_targets: torch.Tensor | None = None,
@@ -738,7 +772,7 @@ def fused_linear_kd_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    merge: str = "first",
+    merge="first",
     reduction: str = "mean",
     student_targets: torch.Tensor | None = None,
     teacher_targets: torch.Tensor | None = None,
@@ -751,20 +785,114 @@ def fused_linear_kd_loss(
     _check_options(temperature, merge, reduction)
     return _fused(
         "kd_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, chunks,
-        (float(temperature), merge), student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
+        (float(temperature), *merge_pair(merge)), student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
         student_targets=student_targets, teacher_targets=teacher_targets, ce_targets=ce_targets,
         block_rows=block_rows, accum_dtype=accum_dtype,
     )  # fmt: skip
 
 
+def fused_linear_chain_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    chunks: torch.Tensor,
+    pieces: PieceTables,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    merge="first",
+    reduction: str = "mean",
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+    ce_targets: torch.Tensor | None = None,
+    block_rows: int | None = None,
+    accum_dtype: torch.dtype = torch.float32,
+):
+    """:func:`xtoken.chain_loss` of the logits ``hidden @ weight^T (+ bias)`` of both sides, computed block by
+    block without materializing them. A block's teacher rows include row ``t1`` after each of its 1:1 and 1:N
+    chunks (the chain's level after the chunk reads it)."""
+    _check_options(temperature, merge, reduction)
+    if merge_pair(merge) != ("first", "first"):
+        raise ValueError(f"merge: the chain loss reads every row of a chunk itself; expected 'first', got {merge!r}")
+    if not isinstance(pieces, PieceTables):
+        raise TypeError(f"pieces: expected an xtoken.PieceTables, got {type(pieces).__name__}")
+    if student_targets is None or teacher_targets is None:
+        raise ValueError("fused_linear_chain_loss needs student_targets and teacher_targets (the realized pieces it "
+                         "conditions on)")
+    _check_weight(student_weight, "student_weight")
+    _check_weight(teacher_weight, "teacher_weight")
+    tables = pieces.to(student_weight.device)
+    options = (*tables.kernel_args(student_weight.shape[0], teacher_weight.shape[0]), float(temperature))
+    return _fused(
+        "chain_loss", student_hidden, student_weight, teacher_hidden, teacher_weight, chunks, options,
+        student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction, student_targets=student_targets,
+        teacher_targets=teacher_targets, ce_targets=ce_targets, block_rows=block_rows, accum_dtype=accum_dtype,
+    )  # fmt: skip
+
+
+def fused_linear_pkl_chain_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    chunks: torch.Tensor,
+    projection,
+    pieces: PieceTables,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    merge="first",
+    reduction: str = "mean",
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+    ce_targets: torch.Tensor | None = None,
+    block_rows: int | None = None,
+    accum_dtype: torch.dtype = torch.float32,
+):
+    """:func:`xtoken.pkl_chain_loss` (P-KL on the 1:1 chunks, the chain KL on the others) of the logits
+    ``hidden @ weight^T (+ bias)`` of both sides, without materializing them: :func:`fused_linear_pkl_loss` on
+    the 1:1 chunks (with the CE, when ``ce_targets`` are given) and :func:`fused_linear_chain_loss` on the
+    others. The two sets of chunks read disjoint student rows, so the two calls compute each row's logits once
+    (but the rows of the chain's chunks that have a CE target, twice). ``merge`` is P-KL's."""
+    _check_options(temperature, merge, reduction)
+    if not isinstance(student_hidden, torch.Tensor):
+        raise TypeError(f"student_hidden: expected a tensor, got {type(student_hidden).__name__}")
+    table = _chunk_table(chunks, student_hidden.device)
+    one_to_one = (table[:, 1] - table[:, 0] == 1) & (table[:, 3] - table[:, 2] == 1)
+    parts = one_to_one.nonzero().squeeze(1), (~one_to_one).nonzero().squeeze(1)
+    inner = "none" if reduction == "none" else "sum"
+    common = dict(student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature, reduction=inner,
+                  student_targets=student_targets, teacher_targets=teacher_targets, block_rows=block_rows,
+                  accum_dtype=accum_dtype)
+    pkl = fused_linear_pkl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, table[parts[0]],
+                                projection, merge=merge, ce_targets=ce_targets, **common)
+    pkl, ce = pkl if ce_targets is not None else (pkl, None)
+    chain = fused_linear_chain_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, table[parts[1]],
+                                    pieces, **common)
+    if reduction == "none":
+        loss = pkl.new_zeros(table.shape[0]).index_copy(0, parts[0], pkl).index_copy(0, parts[1], chain)
+    else:
+        loss = pkl + chain
+        if reduction == "mean":
+            loss = loss / max(table.shape[0], 1)
+            if ce is not None:
+                ce = ce / (_targets(ce_targets, "ce_targets", ce.device) >= 0).sum().clamp_min(1)
+    return loss if ce is None else (loss, ce)
+
+
 _MAPPINGS = {
-    "pkl": ("\n        projection: the :class:`Projection` W with ``V_s`` rows.", "pkl_loss", ""),
+    "pkl": ("\n        projection: the :class:`Projection` W with ``V_s`` rows, or a :class:`xtoken.nn.LearnedProjection` (its "
+            "\n            values then receive a gradient too, summed over the blocks).", "pkl_loss", ""),
     "gold": ("\n        pairs: the exact common pairs (an int ``[C, 2]`` table or a :class:`Projection`).", "gold_loss",
              "\n        matched, beta, uld_topk, weights: as for :func:`xtoken.gold_loss`."),
     "hkl": ("\n        pairs: the relaxed common pairs (an int ``[C, 2]`` table or a :class:`Projection`).", "hkl_loss",
             "\n        matched, beta, uld_topk, weights: as for :func:`xtoken.hkl_loss`."),
     "uld": ("", "uld_loss", "\n        uld_topk: as for :func:`xtoken.uld_loss`."),
     "kd": ("", "kd_loss", ""),
+    "chain": ("\n        pieces: the :class:`xtoken.PieceTables` of the two tokenizers.", "chain_loss", ""),
 }
 for _name, (_mapping, _unfused, _options) in _MAPPINGS.items():
     _function = globals()[f"fused_linear_{_name}_loss"]

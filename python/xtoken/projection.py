@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import string
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import checks
 from .tokenizer import ROLES, TokenizerAdapter, load_tokenizer
 
 __all__ = ["AuditRow", "Projection", "ProjectionAudit", "ProjectionColumns", "TokenTable", "Vocabularies"]
@@ -37,11 +39,13 @@ ROW_SUM_TOLERANCE = 1e-4
 @dataclass(frozen=True)
 class ProjectionColumns:
     """W's transpose as a gather table: teacher token t is fed by student tokens
-    ``col_src[col_ptr[t]:col_ptr[t+1]]`` with weights ``col_val[...]``."""
+    ``col_src[col_ptr[t]:col_ptr[t+1]]`` with weights ``col_val[...]``, which are the entries
+    ``col_slot[...]`` of W's flattened ``val`` (so a learned W's transpose is one gather of its values)."""
 
     col_ptr: torch.Tensor  # int32 [V_t + 1]
     col_src: torch.Tensor  # int32 [nnz]
     col_val: torch.Tensor  # float32 [nnz]
+    col_slot: torch.Tensor  # int64 [nnz]: col_val = val.reshape(-1)[col_slot]
 
 
 class TokenTable:
@@ -109,10 +113,23 @@ class TokenTable:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "TokenTable":
-        flat = tensors[f"{prefix}_text"].numpy().tobytes()
-        offsets = tensors[f"{prefix}_text_offsets"].tolist()
-        texts = [flat[a:b] for a, b in itertools.pairwise(offsets)]
-        return cls(texts, tensors[f"{prefix}_kind"].tolist())
+        """The table saved by :meth:`to_tensors`; raises ``ValueError`` on a missing entry or on offsets that
+        do not run from 0 to the end of the text without decreasing."""
+        names = [f"{prefix}_text", f"{prefix}_text_offsets", f"{prefix}_kind"]
+        missing = [name for name in names if name not in tensors]
+        if missing:
+            raise ValueError(f"the {prefix} token table lacks {', '.join(missing)}")
+        flat = tensors[names[0]].numpy().tobytes()
+        offsets = tensors[names[1]].tolist()
+        if (not offsets or offsets[0] != 0 or offsets[-1] != len(flat)
+                or any(b < a for a, b in itertools.pairwise(offsets))):
+            raise ValueError(
+                f"{names[1]}: expected offsets from 0 to the text's {len(flat)} bytes that never decrease"
+            )
+        kinds = tensors[names[2]].tolist()
+        if len(kinds) != len(offsets) - 1:
+            raise ValueError(f"{names[2]}: {len(kinds)} kinds for {len(offsets) - 1} tokens")
+        return cls([flat[a:b] for a, b in itertools.pairwise(offsets)], kinds)
 
 
 def _quote(text: bytes) -> str:
@@ -149,6 +166,46 @@ class Vocabularies:
     raw_pairs: torch.Tensor
 
 
+def check_output_path(path) -> None:
+    """Raise before any long work if ``path`` cannot be written as a file: its folder must exist, and ``path``
+    must not be a folder."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder; give the path of the file to write")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"{path}: the folder {folder} is not writable")
+
+
+def _tensor(value, name: str, expected: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} ({e})") from None
+
+
+def _check_rows(idx: torch.Tensor, val: torch.Tensor, teacher_vocab_size: int) -> None:
+    """W's rows (int32 idx, float32 val) as SPEC.md §1 defines them: teacher ids in [-1, V_t), weights finite
+    and >= 0, 0 in empty slots, every row summing to 1 (or 0 when empty)."""
+    if idx.numel() and (int(idx.max()) >= teacher_vocab_size or int(idx.min()) < -1):
+        raise ValueError(f"idx: teacher ids must lie in [-1, {teacher_vocab_size}); found "
+                         f"{int(idx.min())}..{int(idx.max())}")
+    if not bool(torch.isfinite(val).all()) or bool((val < 0).any()):
+        raise ValueError("val: weights must be finite and >= 0")
+    if bool(((idx < 0) & (val != 0)).any()):
+        raise ValueError("val: an empty slot (idx = -1) must have weight 0")
+    row_sums = val.double().sum(dim=1)
+    bad = ~(((row_sums - 1).abs() <= ROW_SUM_TOLERANCE) | (row_sums == 0))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError(f"val: every row must sum to 1 (or 0 when empty); row {row} sums to "
+                         f"{float(row_sums[row]):.6g}")
+
+
 class Projection:
     """A sparse, row-stochastic projection W: student vocabulary -> teacher vocabulary.
 
@@ -172,36 +229,26 @@ class Projection:
         metadata: dict[str, str] | None = None,
         vocabularies: Vocabularies | None = None,
     ) -> None:
-        idx, val = torch.as_tensor(idx), torch.as_tensor(val)
-        if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
+        idx = checks.int32_index(_tensor(idx, "idx", "an integer [V_s, P] tensor"), "idx")
+        val = _tensor(val, "val", "a float tensor shaped like idx")
+        if idx.dim() != 2:
             raise ValueError(f"idx: expected an integer [V_s, P] tensor, got {idx.dtype} {tuple(idx.shape)}")
         if val.shape != idx.shape or not val.is_floating_point():
             raise ValueError(f"val: expected a float tensor shaped like idx {tuple(idx.shape)}, got "
                              f"{val.dtype} {tuple(val.shape)}")
         if val.device != idx.device:
             raise ValueError(f"val is on {val.device} but idx is on {idx.device}")
-        idx, val = idx.to(torch.int32).contiguous(), val.to(torch.float32).contiguous()
-        largest = int(idx.max()) if idx.numel() else -1
         if teacher_vocab_size is None:
-            teacher_vocab_size = largest + 1
-        if teacher_vocab_size < 1:
-            raise ValueError("teacher_vocab_size: W maps no student token anywhere; pass teacher_vocab_size")
-        if largest >= teacher_vocab_size or (idx.numel() and int(idx.min()) < -1):
-            raise ValueError(f"idx: teacher ids must lie in [-1, {teacher_vocab_size}); found "
-                             f"{int(idx.min())}..{largest}")
-        if not bool(torch.isfinite(val).all()) or bool((val < 0).any()):
-            raise ValueError("val: weights must be finite and >= 0")
-        if bool(((idx < 0) & (val != 0)).any()):
-            raise ValueError("val: an empty slot (idx = -1) must have weight 0")
-        row_sums = val.double().sum(dim=1)
-        bad = ~(((row_sums - 1).abs() <= ROW_SUM_TOLERANCE) | (row_sums == 0))
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0])
-            raise ValueError(f"val: every row must sum to 1 (or 0 when empty); row {row} sums to "
-                             f"{float(row_sums[row]):.6g}")
-        self.idx = idx
-        self.val = val
-        self.teacher_vocab_size = int(teacher_vocab_size)
+            teacher_vocab_size = int(idx.max()) + 1 if idx.numel() else 0
+            if teacher_vocab_size < 1:
+                raise ValueError("teacher_vocab_size: W maps no student token anywhere; pass teacher_vocab_size")
+        self._teacher_vocab_size = checks.count(teacher_vocab_size, "teacher_vocab_size", minimum=1,
+                                                maximum=checks.INT32_MAX)
+        # Copies: W never shares memory with the caller's tensors, so editing those cannot change it.
+        self._idx = idx.to(torch.int32).clone(memory_format=torch.contiguous_format)
+        self._val = val.to(torch.float32).clone(memory_format=torch.contiguous_format)
+        _check_rows(self._idx, self._val, self._teacher_vocab_size)
+        self._versions = self._tensor_versions()
         self.metadata = dict(metadata or {})
         if vocabularies is not None:
             self._check_vocabularies(vocabularies)
@@ -217,9 +264,11 @@ class Projection:
                 f"ids do not fit W's {v_s} x {v_t}"
             )
         exact = vocabularies.exact_match
-        if exact.dtype != torch.int32 or exact.shape != (v_s,) or (exact.numel() and int(exact.max()) >= v_t):
+        if exact.dtype != torch.int32 or exact.shape != (v_s,) or (
+            exact.numel() and (int(exact.max()) >= v_t or int(exact.min()) < -1)
+        ):
             raise ValueError(
-                f"vocabularies.exact_match: expected int32 [{v_s}] teacher ids below {v_t}, got "
+                f"vocabularies.exact_match: expected int32 [{v_s}] teacher ids in [-1, {v_t}), got "
                 f"{exact.dtype} {tuple(exact.shape)}"
             )
         raw = vocabularies.raw_pairs
@@ -231,6 +280,37 @@ class Projection:
             0 <= int(raw.min()) and int(raw[:, 0].max()) < v_s and int(raw[:, 1].max()) < v_t
         ):
             raise ValueError(f"vocabularies.raw_pairs: pairs must lie in [0, {v_s}) x [0, {v_t})")
+
+    # ------------------------------------------------------------------ the rows, kept consistent
+    @property
+    def idx(self) -> torch.Tensor:
+        """int32 ``[V_s, P]`` teacher ids (-1 = empty slot). Editing it in place is allowed: the next use
+        re-validates W and rebuilds its transpose."""
+        return self._idx
+
+    @property
+    def val(self) -> torch.Tensor:
+        """float32 ``[V_s, P]`` weights (see :attr:`idx` on editing in place)."""
+        return self._val
+
+    @property
+    def teacher_vocab_size(self) -> int:
+        return self._teacher_vocab_size
+
+    def _tensor_versions(self) -> tuple[int, int]:
+        return (self._idx._version, self._val._version)
+
+    def _refresh(self) -> None:
+        """After an in-place edit of idx or val: validate the rows again and drop every cached form of W
+        (its transposes and its copies on other devices), so the kernels never read a stale W. A compiled
+        graph (``torch.compile``) keeps the W it was traced with: rebuild it after editing W."""
+        if torch.compiler.is_compiling():
+            return
+        if self._tensor_versions() != self._versions:
+            _check_rows(self._idx, self._val, self._teacher_vocab_size)
+            self._columns.clear()
+            self._moved.clear()
+            self._versions = self._tensor_versions()
 
     # ------------------------------------------------------------------ shape and placement
     @property
@@ -258,17 +338,21 @@ class Projection:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        self._refresh()
         if device == self.device:
             return self
         if device not in self._moved:
             moved = Projection.__new__(Projection)
-            moved.idx = self.idx.to(device)
-            moved.val = self.val.to(device)
-            moved.teacher_vocab_size = self.teacher_vocab_size
+            moved._idx = self.idx.to(device)
+            moved._val = self.val.to(device)
+            moved._versions = moved._tensor_versions()
+            moved._teacher_vocab_size = self.teacher_vocab_size
             moved.metadata = self.metadata
             moved.vocabularies = self.vocabularies
-            moved._columns = {v: ProjectionColumns(*(t.to(device) for t in (c.col_ptr, c.col_src, c.col_val)))
-                              for v, c in self._columns.items()}
+            moved._columns = {
+                v: ProjectionColumns(*(t.to(device) for t in (c.col_ptr, c.col_src, c.col_val, c.col_slot)))
+                for v, c in self._columns.items()
+            }
             moved._moved = {}
             self._moved[device] = moved
         return self._moved[device]
@@ -277,6 +361,7 @@ class Projection:
     @classmethod
     def identity(cls, vocab_size: int, *, device: torch.device | str = "cpu") -> "Projection":
         """The identity map of a shared vocabulary (plain KD through the projection machinery)."""
+        vocab_size = checks.count(vocab_size, "vocab_size", minimum=1, maximum=checks.INT32_MAX)
         idx = torch.arange(vocab_size, dtype=torch.int32, device=device).unsqueeze(1)
         val = torch.ones(vocab_size, 1, dtype=torch.float32, device=device)
         return cls(idx, val, teacher_vocab_size=vocab_size, metadata={"kind": "identity"})
@@ -285,10 +370,9 @@ class Projection:
     def from_dense(cls, matrix: torch.Tensor, top_k: int = 4) -> "Projection":
         """Keep the ``top_k`` largest non-negative weights of each row of a dense ``[V_s, V_t]`` matrix and
         renormalize each row to sum 1 (rows with no positive weight stay empty). For small vocabularies."""
-        if matrix.dim() != 2:
-            raise ValueError(f"matrix: expected [V_s, V_t], got {tuple(matrix.shape)}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
+            raise ValueError(f"matrix: expected a [V_s, V_t] tensor, got {getattr(matrix, 'shape', type(matrix))}")
+        top_k = checks.count(top_k, "top_k", minimum=1)
         if not bool(torch.isfinite(matrix).all()) or bool((matrix < 0).any()):
             raise ValueError("matrix: weights must be finite and >= 0")
         k = min(top_k, matrix.shape[1])
@@ -301,6 +385,7 @@ class Projection:
 
     def to_dense(self) -> torch.Tensor:
         """W as a dense float32 ``[V_s, V_t]`` matrix (small vocabularies and tests only)."""
+        self._refresh()
         dense = torch.zeros(self.student_vocab_size, self.teacher_vocab_size, device=self.device)
         rows = torch.arange(self.student_vocab_size, device=self.device).unsqueeze(1).expand_as(self.idx)
         present = self.idx >= 0
@@ -309,6 +394,8 @@ class Projection:
 
     def pad_to(self, student_vocab_size: int) -> "Projection":
         """W with empty rows appended up to ``student_vocab_size`` (a student with a padded lm_head)."""
+        student_vocab_size = checks.count(student_vocab_size, "student_vocab_size", minimum=1,
+                                          maximum=checks.INT32_MAX)
         extra = student_vocab_size - self.student_vocab_size
         if extra < 0:
             raise ValueError(f"student_vocab_size {student_vocab_size} < W's {self.student_vocab_size} rows")
@@ -327,7 +414,9 @@ class Projection:
     def columns(self, teacher_width: int | None = None) -> ProjectionColumns:
         """W's transpose for teacher logits of width ``teacher_width`` (>= teacher_vocab_size; the
         extra columns are empty). Built once per width and cached."""
-        width = self.teacher_vocab_size if teacher_width is None else int(teacher_width)
+        self._refresh()
+        width = self.teacher_vocab_size if teacher_width is None else checks.count(
+            teacher_width, "teacher_width", minimum=1, maximum=checks.INT32_MAX)
         if width < self.teacher_vocab_size:
             raise ValueError(f"teacher logits have {width} columns but W maps into {self.teacher_vocab_size} "
                              "teacher tokens")
@@ -340,8 +429,10 @@ class Projection:
             counts = torch.bincount(cols, minlength=width)
             col_ptr = torch.zeros(width + 1, dtype=torch.int64, device=self.device)
             col_ptr[1:] = torch.cumsum(counts, 0)
+            col_slot = present.reshape(-1).nonzero().reshape(-1)[order]
             self._columns[width] = ProjectionColumns(
-                col_ptr.to(torch.int32), rows[order].to(torch.int32).contiguous(), self.val[present][order].contiguous()
+                col_ptr.to(torch.int32), rows[order].to(torch.int32).contiguous(), self.val.reshape(-1)[col_slot],
+                col_slot,
             )
         return self._columns[width]
 
@@ -529,6 +620,8 @@ class Projection:
         """Save W (and, for a built W, its vocabularies) as one safetensors file, with the metadata."""
         from safetensors.torch import save_file
 
+        check_output_path(path)
+        self._refresh()
         tensors = {"idx": self.idx.cpu().contiguous(), "val": self.val.cpu().contiguous()}
         if self.vocabularies is not None:
             tensors["exact_match"] = self.vocabularies.exact_match.contiguous()
@@ -546,6 +639,10 @@ class Projection:
         built with (:meth:`check_tokenizers`): a mismatch raises ``ValueError``."""
         from safetensors import SafetensorError, safe_open
 
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path}: is a folder, not a W file (a .safetensors file saved by Projection.save)")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file")
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = dict(f.metadata() or {})
@@ -556,22 +653,30 @@ class Projection:
             raise ValueError(
                 f"{path}: not an xtoken projection (expected format {FORMAT!r} with 'idx' and 'val')"
             )
-        vocabularies = None
-        if "exact_match" in tensors:
-            vocabularies = Vocabularies(
-                TokenTable.from_tensors(tensors, "student"),
-                TokenTable.from_tensors(tensors, "teacher"),
-                tensors["exact_match"],
-                tensors["raw_pairs"],
+        try:
+            teacher_vocab_size = int(metadata.pop("teacher_vocab_size"))
+        except (KeyError, ValueError):
+            raise ValueError(f"{path}: the metadata lacks an integer teacher_vocab_size") from None
+        try:
+            vocabularies = None
+            if "exact_match" in tensors:
+                if "raw_pairs" not in tensors:
+                    raise ValueError("the vocabularies lack raw_pairs")
+                vocabularies = Vocabularies(
+                    TokenTable.from_tensors(tensors, "student"),
+                    TokenTable.from_tensors(tensors, "teacher"),
+                    tensors["exact_match"],
+                    tensors["raw_pairs"],
+                )
+            projection = cls(
+                tensors["idx"],
+                tensors["val"],
+                teacher_vocab_size=teacher_vocab_size,
+                metadata=metadata,
+                vocabularies=vocabularies,
             )
-        teacher_vocab_size = int(metadata.pop("teacher_vocab_size"))
-        projection = cls(
-            tensors["idx"],
-            tensors["val"],
-            teacher_vocab_size=teacher_vocab_size,
-            metadata=metadata,
-            vocabularies=vocabularies,
-        )
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: not a valid W: {e}") from None
         projection.check_tokenizers(student_tokenizer, teacher_tokenizer)
         return projection
 

@@ -7,7 +7,9 @@ import torch
 
 from .projection import Projection
 
-__all__ = ["random_projection", "random_chunks", "random_targets", "random_pairs", "CHUNK_SHAPES"]
+__all__ = [
+    "random_projection", "random_chunks", "random_targets", "random_pairs", "loss_and_grad", "CHUNK_SHAPES",
+]  # fmt: skip
 
 # (student rows, teacher rows) of a chunk: 1:1, 1:N, M:1, M:N.
 CHUNK_SHAPES = ((1, 1), (1, 2), (1, 3), (2, 1), (3, 1), (2, 2), (2, 3), (3, 2))
@@ -89,3 +91,18 @@ def random_pairs(student_vocab: int, teacher_vocab: int, count: int, *,
     students = torch.randperm(student_vocab, generator=generator)[:count].sort().values
     teachers = torch.randperm(teacher_vocab, generator=generator)[:count]
     return torch.stack([students, teachers], dim=1).to(torch.int32)
+
+
+def loss_and_grad(loss_fn, logits: torch.Tensor, *inputs, device=None, dtype: torch.dtype | None = None,
+                  grad_scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loss_fn(z, *inputs)`` and its gradient in ``z``, for ``z`` a fresh leaf copy of ``logits`` on ``device``
+    in ``dtype`` (each default: unchanged); tensors in ``inputs`` are moved to ``device``. The loss is summed
+    and scaled by ``grad_scale`` (an incoming gradient that is not 1). Returns both on the CPU, detached.
+
+    ``logits`` itself is never made to require gradients, so the same tensor serves several devices or dtypes
+    in a row (``logits.to(device)`` is ``logits`` itself when nothing changes, and a non-leaf copy otherwise)."""
+    z = logits.detach().to(device=device, dtype=dtype).requires_grad_()
+    moved = (t.to(device) if isinstance(t, torch.Tensor) and device is not None else t for t in inputs)
+    loss = loss_fn(z, *moved)
+    (grad_scale * loss.sum()).backward()
+    return loss.detach().cpu(), z.grad.cpu()

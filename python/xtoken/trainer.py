@@ -8,11 +8,23 @@ with ``reduction="sum"``), so the gradient of a step is the gradient of the loss
 batch, whatever its split into ranks and accumulation steps. Dynamic scaling multiplies the KD part by
 ``sg(L_ce / L_kd_total)`` of the micro-batch over all ranks (one small all-reduce per micro-batch, which
 also gives the logged statistics); with one accumulation step that is exactly the global batch's ratio.
+
+On-policy (``on_policy=lmbda``, :mod:`xtoken.onpolicy`): a share ``lmbda`` of the optimizer steps, drawn from the
+run's seed and the step number, replaces every micro-batch's completions by the student's own before the counts
+are taken; such a step trains on the teachers' losses over the completion chunks alone (``L_kd_total``, times
+``w_kd`` under fixed weights): the student's own samples are no CE targets.
+
+Host syncs (SPEC.md §6): the first micro-batch checks the contents of the losses' inputs; later ones skip
+those checks, so the trainer's own step (the losses, their backward and the counts) does not block the
+host; only logging reads values back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -21,9 +33,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from . import ops
 from .distill import (
     CHUNK_STAT_NAMES,
     DistillationCollator,
@@ -39,6 +52,9 @@ from .distill import (
     prepare_teachers,
     teacher_loss,
 )
+from .onpolicy import CompletionGenerator, GenerationPrompt, HFGenerator, on_policy_step, sampling_seed
+from .nn import LearnedProjection
+from .projection import Projection
 
 __all__ = ["DistillationTrainer"]
 
@@ -67,7 +83,7 @@ class DistillationTrainer(Trainer):
             ``tokenizers.Tokenizer``, a path or a built-in name). Saved with checkpoints when it has
             ``save_pretrained``.
         kd_scaling: ``"dynamic"`` or ``(w_ce, w_kd)``.
-        max_length: tokens kept per text on each side (special tokens included).
+        max_length: tokens kept per text (or rendered conversation) on each side (special tokens included).
         text_key: the field of a dataset example that holds its text.
         fused_linear: compute the losses from the final hidden states and the lm_head weights block by block
             (:mod:`xtoken.fused_linear`), so that no ``[B, T, V]`` logits exist in training: the student and
@@ -76,7 +92,19 @@ class DistillationTrainer(Trainer):
             scale) keeps the logits path, with a warning; so does everything when the student is such a model,
             when there is no teacher, or under FSDP / DeepSpeed ZeRO-3 (which shard the lm_head weight).
             Evaluation computes logits as usual. ``ddp_find_unused_parameters`` defaults to False with it.
-        train_dataset, eval_dataset: texts, or mappings (e.g. a ``datasets.Dataset``) with ``text_key``.
+        train_dataset, eval_dataset: texts, or mappings (e.g. a ``datasets.Dataset``) with ``text_key``; or
+            conversations: examples with ``"messages"`` (lists of ``{"role", "content"}``) or with ``"prompt"`` and
+            ``"completion"``, which the student and each teacher render with their own chat templates
+            (:func:`xtoken.align_conversations`).
+        student_chat_template: the student's chat template (``None``: its tokenizer's own); a teacher's is
+            :attr:`xtoken.Teacher.chat_template`.
+        train_on: ``"assistant"`` (default) or ``"all"``: what a conversation trains on.
+        on_policy: lmbda, the share of optimizer steps on which the student generates the completions of the
+            prompts (conversations only; 0: never, exactly the off-policy trainer).
+        generation_config: how the student samples (:class:`xtoken.onpolicy.HFGenerator`); its ``eos_token_id``
+            should be the student template's end-of-turn token.
+        generator: a :class:`xtoken.onpolicy.CompletionGenerator` (e.g. one backed by vLLM) instead of
+            ``model.generate``.
         **kwargs: the other ``transformers.Trainer`` arguments (callbacks, optimizers, ...). A
             ``data_collator`` replaces the :class:`xtoken.DistillationCollator`; it must produce its batches.
 
@@ -96,7 +124,16 @@ class DistillationTrainer(Trainer):
     Logged with each training log: ``ce_loss``, ``kd_loss/<teacher>`` (per chunk, tau^2 included),
     ``kd_scale`` (the mean dynamic ratio, under dynamic scaling), ``chunks/<teacher>``, ``one_to_one/<teacher>``,
     ``student_dropped/<teacher>`` and ``teacher_dropped/<teacher>`` (shares of tokens in no chunk), and
-    ``tokens_per_second`` (student tokens over all ranks per second of wall time, since the last log).
+    ``tokens_per_second`` (student tokens over all ranks per second of wall time, since the last log). With
+    ``on_policy > 0`` also ``on_policy_share`` (the share of micro-batches that were on-policy),
+    ``completion_length`` (student tokens per generated completion, over all ranks) and ``generation_seconds``
+    (this rank's time in generation), all since the last log.
+
+    A teacher with ``learn_projection=True`` trains its W's values (P-KL only; :class:`xtoken.nn.LearnedProjection`)
+    in an optimizer group of their own (``projection_lr``, no weight decay, the run's schedule, no gradient
+    clipping, as in the X-Token paper); every checkpoint (and ``save_model``) holds the learned W as
+    ``xtoken_projection_<teacher>.safetensors`` in :meth:`Projection.save`'s format, which resuming restores.
+    The Trainer's own optimizer is required (not DeepSpeed's).
     """
 
     loss_is_scaled_for_ga = True
@@ -111,10 +148,23 @@ class DistillationTrainer(Trainer):
         kd_scaling: str | tuple[float, float] = "dynamic",
         max_length: int | None = None,
         text_key: str = "text",
+        student_chat_template: Any = None,
+        train_on: str = "assistant",
+        on_policy: float = 0.0,
+        generation_config: Any = None,
+        generator: CompletionGenerator | None = None,
         fused_linear: bool = False,
         **kwargs: Any,
     ) -> None:
         check_kd_scaling(kd_scaling)
+        if not (isinstance(on_policy, (int, float)) and 0 <= on_policy <= 1 and math.isfinite(on_policy)):
+            raise ValueError(f"on_policy: expected lmbda in [0, 1], got {on_policy!r}")
+        if on_policy and not (teachers if not isinstance(teachers, Teacher) else [teachers]):
+            raise ValueError("on_policy: needs at least one teacher to score the student's completions")
+        if generator is not None and not isinstance(generator, CompletionGenerator):
+            raise TypeError(
+                f"generator: expected an xtoken.onpolicy.CompletionGenerator, got {type(generator).__name__}"
+            )
         if args is None:
             args = TrainingArguments(output_dir="xtoken_distill")
         _check_batching(args)
@@ -128,17 +178,35 @@ class DistillationTrainer(Trainer):
         kwargs.setdefault(
             "data_collator",
             DistillationCollator(
-                student_tokenizer, [p.teacher for p in self.teachers], max_length=max_length, text_key=text_key
+                student_tokenizer, [p.teacher for p in self.teachers], max_length=max_length, text_key=text_key,
+                student_chat_template=student_chat_template, train_on=train_on,
             ),
-        )
+        )  # fmt: skip
+        self.on_policy = float(on_policy)
+        self.generator = None
+        if self.on_policy:
+            self.generator = generator or HFGenerator(student_tokenizer, generation_config)
         if hasattr(student_tokenizer, "save_pretrained"):
             kwargs.setdefault("processing_class", student_tokenizer)
         super().__init__(model=model, args=args, **kwargs)
         for prepared in self.teachers:
             teacher = prepared.teacher
             teacher.model.to(device=self.args.device, dtype=teacher.dtype).eval().requires_grad_(False)
+        # W or the common pairs on the training device once, not copied there at every step.
+        self.teachers = [dataclasses.replace(p, mapping=_on_device(p.mapping, self.args.device)) for p in self.teachers]
+        self.learned_projections = {
+            p.name: p.mapping.to(self.args.device) for p in self.teachers if isinstance(p.mapping, LearnedProjection)
+        }
+        if self.learned_projections:
+            if self.optimizer is not None:
+                raise ValueError(
+                    "learn_projection needs the optimizer the trainer creates (it adds a group for each learned W); "
+                    "pass optimizer_cls_and_kwargs instead of optimizers=(...), or drop learn_projection"
+                )
+            self.add_callback(_LearnedProjectionSteps(self))
         self.fused_linear = self._setup_fused_linear(fused_linear)
         self._step_counts: torch.Tensor | None = None
+        self._content_checked = False
         self._reset_log_sums()
 
     # ------------------------------------------------------------------ normalization
@@ -146,18 +214,52 @@ class DistillationTrainer(Trainer):
         """The step's micro-batches, and the global counts that normalize them: the student's target tokens
         and each teacher's chunks over every micro-batch of the step on every rank."""
         batch_samples = list(itertools.islice(epoch_iterator, num_batches))
+        if on_policy_step(self.args.seed, self.state.global_step, self.on_policy):
+            batch_samples = [self._on_policy_batch(batch) for batch in batch_samples]
         counts = torch.zeros(1 + len(self.teachers), dtype=torch.float64, device=device)
         for batch in batch_samples:
-            counts += self._local_counts(batch).to(device)
+            counts += self._local_counts(batch).to(device, non_blocking=True)  # no stream sync
         self._step_counts = self._all_ranks_sum(counts)
         return batch_samples, self._step_counts[0]
 
     @staticmethod
     def _local_counts(batch: dict[str, Any]) -> torch.Tensor:
-        """float64 [1 + M] on the batch's device: target tokens, then chunks per teacher (no device sync)."""
+        """float64 [1 + M] on the batch's device: target tokens, then chunks per teacher (no device sync: the
+        chunk counts are filled in on the device, not copied there)."""
         targets = (batch["labels"][:, 1:] != -100).sum().double()
-        chunks = [targets.new_tensor(float(t["chunks"].shape[0])) for t in batch["teachers"]]
+        chunks = [targets.new_full((), float(t["chunks"].shape[0])) for t in batch["teachers"]]
         return torch.stack([targets, *chunks])
+
+    # ------------------------------------------------------------------ on-policy
+    def _on_policy_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with the student's completions of its prompts in place of the data's: sampled by the
+        generator, rendered on every side and aligned; no CE labels. Adds ``on_policy_stats`` (float64: 1, the
+        completions, their student tokens) for the logs."""
+        collator = self.data_collator
+        if not isinstance(collator, DistillationCollator):
+            raise TypeError("on_policy: the data_collator must be an xtoken.DistillationCollator (it renders the "
+                            "student's completions for every teacher)")  # fmt: skip
+        conversations = batch.get("conversations")
+        if conversations is None:
+            raise ValueError("on_policy: needs conversation data (examples with 'messages' or "
+                             "'prompt'/'completion'); this batch holds texts")  # fmt: skip
+        prompts = [
+            GenerationPrompt(c.prompt(), text, ids, sampling_seed(self.args.seed, self.state.global_step, text))
+            for c, (text, ids) in zip(conversations, collator.generation_prompts(conversations))
+        ]
+        start = time.perf_counter()
+        with torch.no_grad():
+            completions = self.generator.generate(self.model, prompts)
+        self._log_generation_seconds += time.perf_counter() - start
+        if len(completions) != len(prompts) or not all(isinstance(c, str) for c in completions):
+            raise TypeError(f"generator: expected {len(prompts)} completion strings, got {completions!r:.200}")
+        generated = collator.collate_conversations([c.with_completion(t) for c, t in zip(conversations, completions)],
+                                                   train_on="assistant")  # fmt: skip
+        generated["labels"] = torch.full_like(generated["labels"], -100)
+        generated["on_policy"] = True
+        tokens = float(generated["teachers"][0]["chunk_stats"][CHUNK_STAT_NAMES.index("student_tokens")])
+        generated["on_policy_stats"] = torch.tensor([1.0, len(prompts), tokens], dtype=torch.float64)
+        return generated
 
     def _all_ranks_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
@@ -177,22 +279,26 @@ class DistillationTrainer(Trainer):
                 f"the batch aligns {len(inputs['teachers'])} teacher(s) but the trainer has {len(self.teachers)}; "
                 "a custom data_collator must produce DistillationCollator batches for the same teachers"
             )
-        if self.fused_linear and not return_outputs:
-            outputs = None
-            ce_sum, kd_sums = self._fused_sums(model, inputs)
-        else:
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            logits = outputs.logits
-            labels = inputs["labels"]
-            ce_sum = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                ignore_index=-100, reduction="sum",
-            )  # fmt: skip
-            kd_sums = [self._teacher_sum(p, logits, inputs, t) for p, t in zip(self.teachers, inputs["teachers"])]
+        with ops.skip_content_checks(self._content_checked):  # checked once, then no host sync per step
+            if self.fused_linear and not return_outputs:
+                outputs = None
+                ce_sum, kd_sums = self._fused_sums(model, inputs)
+            else:
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                logits = outputs.logits
+                labels = inputs["labels"]
+                ce_sum = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                    ignore_index=-100, reduction="sum",
+                )  # fmt: skip
+                kd_sums = [self._teacher_sum(p, logits, inputs, t) for p, t in zip(self.teachers, inputs["teachers"])]
+        self._content_checked = True
         local = torch.stack([ce_sum.detach().double(), *(k.detach().double() for k in kd_sums)])
         local_counts = self._local_counts(inputs).to(local.device)
         stats = [t["chunk_stats"].to(local.device, torch.float64) for t in inputs["teachers"]]
         tokens = inputs["attention_mask"].sum().to(local.device, torch.float64).reshape(1)
+        if self.on_policy:
+            stats.append(inputs.get("on_policy_stats", torch.zeros(3, dtype=torch.float64)).to(local.device))
 
         training = model.training and self._step_counts is not None
         if training:
@@ -212,12 +318,15 @@ class DistillationTrainer(Trainer):
         )
         micro_means = micro_sums / micro_counts.clamp_min(1)
         micro_kd = sum((p.weight * micro_means[1 + i] for i, p in enumerate(self.teachers)), micro_means.new_zeros(()))
-        if self.teachers:
+        scale = dynamic_scale(micro_means[0], micro_kd)
+        if inputs.get("on_policy"):
+            loss, scale = kd * (1.0 if self.kd_scaling == "dynamic" else self.kd_scaling[1]), torch.ones_like(scale)
+        elif self.teachers:
             loss = combine_ce_kd(ce, kd, self.kd_scaling, reference=(micro_means[0], micro_kd))
         else:
             loss = ce
         if training:
-            self._accumulate_log_sums(summed, dynamic_scale(micro_means[0], micro_kd))
+            self._accumulate_log_sums(summed, scale)
         # DDP, FSDP and DeepSpeed average gradients over ranks; each rank's share of the global sum is
         # scaled back up by the number of ranks.
         loss = loss * ranks
@@ -290,12 +399,47 @@ class DistillationTrainer(Trainer):
             kd_sums.append(out)
         return ce_sum, kd_sums
 
+    # ------------------------------------------------------------------ learned W
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, plus one group per learned W (its ``projection_lr``, no weight decay)."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh:
+            for prepared in self.teachers:
+                if prepared.name in self.learned_projections:
+                    optimizer.add_param_group({
+                        "params": list(self.learned_projections[prepared.name].parameters()),
+                        "lr": prepared.teacher.projection_lr, "weight_decay": 0.0,
+                    })  # fmt: skip
+        return optimizer
+
+    @staticmethod
+    def projection_file(name: str) -> str:
+        """The file name of teacher ``name``'s learned W in a checkpoint or output folder."""
+        return f"xtoken_projection_{name}.safetensors"
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            for name, learned in self.learned_projections.items():
+                learned.save(os.path.join(output_dir, self.projection_file(name)))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, learned in self.learned_projections.items():
+            path = os.path.join(resume_from_checkpoint, self.projection_file(name))
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{resume_from_checkpoint} holds no learned W for teacher {name!r} ({path})")
+            learned.load_values(Projection.load(path))
+
     # ------------------------------------------------------------------ logging
     def _reset_log_sums(self) -> None:
         self._log_sums: torch.Tensor | None = None
         self._log_scale_sum = 0.0
         self._log_micro_batches = 0
         self._log_time = time.perf_counter()
+        self._log_generation_seconds = 0.0
 
     def _accumulate_log_sums(self, summed: torch.Tensor, scale: torch.Tensor) -> None:
         summed = summed.detach()
@@ -323,7 +467,44 @@ class DistillationTrainer(Trainer):
             summary = chunk_stats_summary(torch.tensor(stats[i * _STATS : (i + 1) * _STATS]))
             for key, value in summary.items():
                 logs[f"{key}/{prepared.name}"] = value
+        if self.on_policy:
+            on_policy_batches, completions, completion_tokens = stats[m * _STATS :]
+            micro_batches = self._log_micro_batches * self.accelerator.num_processes
+            logs["on_policy_share"] = on_policy_batches / max(micro_batches, 1)
+            logs["completion_length"] = completion_tokens / max(completions, 1)
+            logs["generation_seconds"] = self._log_generation_seconds
         return logs
+
+
+def _on_device(mapping: Any, device: torch.device) -> Any:
+    """What a teacher's loss reads besides the logits (W, the pairs, the piece tables, a tuple of them, or None),
+    on ``device``."""
+    if mapping is None:
+        return None
+    if isinstance(mapping, tuple):
+        return tuple(_on_device(m, device) for m in mapping)
+    return mapping.to(device)
+
+
+class _LearnedProjectionSteps(TrainerCallback):
+    """The optimizer steps of the learned W's values: their gradients averaged over ranks before each step (they
+    are outside the model, so DDP does not), and cleared after it (the Trainer clears only the model's)."""
+
+    def __init__(self, trainer: DistillationTrainer) -> None:
+        self.trainer = trainer
+
+    def _parameters(self):
+        return [p for learned in self.trainer.learned_projections.values() for p in learned.parameters()]
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        accelerator = self.trainer.accelerator
+        if accelerator.num_processes > 1:
+            for p in self._parameters():  # every rank joins every reduction, with or without a gradient
+                p.grad = accelerator.reduce(torch.zeros_like(p) if p.grad is None else p.grad, reduction="mean")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for p in self._parameters():
+            p.grad = None
 
 
 def _logit_width(model: torch.nn.Module) -> int | None:

@@ -18,13 +18,33 @@ void check_chunk_table(const at::Tensor& chunks);
 void check_projection_layout(const at::Tensor& idx, const at::Tensor& val, const at::Tensor& col_ptr,
                              const at::Tensor& col_src, const at::Tensor& col_val, int64_t V_s, int64_t V_t);
 void check_temperature(double temperature);
-Merge parse_merge(c10::string_view merge);
-// Targets are required (and checked against the rows) only for merge="bayes".
+// `name` names the argument in the error (student_merge, teacher_merge).
+Merge parse_merge(c10::string_view merge, const char* name);
+// Targets are required (and checked against the rows) only for a side whose merge is "bayes".
 void check_targets(const c10::optional<at::Tensor>& targets, const char* name, int64_t rows, Merge merge);
 
+// When the content checks run (SPEC.md §6). CPU inputs are always checked: there the checks cost no
+// host sync. On CUDA the checks of one op call cost one host sync, so they are skipped
+//   - while a CUDA graph is being captured (a capture cannot sync), and
+//   - on a thread inside a skip scope (set_skip_content_checks(true)): the nn modules and the trainer
+//     after their first call, and every backward that autograd runs (its forward checked the same
+//     saved inputs), unless the process-wide mode is Always.
+// Always (debug) checks every call outside a capture; the environment variable
+// XTOKEN_CONTENT_CHECKS=always selects it at start (default: auto). The mode is process-wide because
+// autograd runs backwards on threads of its own; the skip scope is per thread, so that concurrent
+// callers (DataParallel replicas) cannot end each other's scopes. When the checks are skipped the
+// kernels still guard every index: nothing is read or written out of bounds, and an invalid chunk
+// gives a NaN loss and NaN gradient rows instead of an error.
+enum class ContentCheckMode { Auto, Always };
+ContentCheckMode content_check_mode();
+ContentCheckMode set_content_check_mode(ContentCheckMode mode);  // returns the previous mode
+bool skip_content_checks();                                        // this thread's skip scope
+bool set_skip_content_checks(bool skip);                           // returns the previous value
+// Whether an op called now on this thread runs the content checks of inputs on `device`.
+bool content_checks_run(const at::Device& device);
+
 // Checks on tensor contents. On the GPU they run as small kernels whose results come back to the
-// host in one copy (one sync per op call). They are skipped while a CUDA graph is being captured;
-// the kernels then still guard every index, so nothing is read out of bounds.
+// host in one copy (one sync per op call), unless content_checks_run() says they are skipped.
 class ContentChecks {
  public:
   explicit ContentChecks(const at::Device& device);
@@ -36,6 +56,8 @@ class ContentChecks {
   void offsets(const at::Tensor& ptr, int64_t total, std::string what);
   // no value of a 1-D integer tensor appears twice.
   void distinct(const at::Tensor& t, std::string what);
+  // the rows of a 2-D integer tensor in lexicographic order (each row <= the next).
+  void sorted_rows(const at::Tensor& t, std::string what);
   // every element finite and >= 0.
   void finite_nonnegative(const at::Tensor& t, std::string what);
   // merge="bayes": the realized target of every prefix row of every chunk (all rows but the last)

@@ -2,11 +2,14 @@
 // of the chunks, its forward pooling (logsumexps saved for the backward, the bayes prefix factor) and the
 // backward through it, plus the chunk loop and the gradient-row bookkeeping.
 //
-// Pooling, per side, rows r_0..r_{m-1}, a = z / tau, L = logsumexp(a), p = exp(a - L):
+// Pooling, per side (each side has its own merge), rows r_0..r_{m-1}, a = z / tau, L = logsumexp(a),
+// p = exp(a - L):
 //   first: p_0 | mean: (1/m) sum p_i | bayes: c p_last, c = prod_{i<m-1} p_i[x_i] (x_i = realized target of row i)
+//   logmean: exp((1/m) sum (a_i - L_i)), the geometric mean of the rows' probabilities, not renormalized
 // Backward, given h = dLoss/dp_hat:
 //   first: dz_0 = p_0 (h - <p_0, h>) / tau;  mean: dz_i = p_i (h - <p_i, h>) / (m tau)
 //   bayes: u = <p_last, h>;  dz_last = c p_last (h - u) / tau;  dz_i = c u (onehot(x_i) - p_i) / tau  (i < m-1)
+//   logmean: dz_i = (p_hat h - p_i <p_hat, h>) / (m tau)   (d log p_hat[y] / d a_i[v] = (delta_yv - p_i[v]) / m)
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -32,6 +35,13 @@ void write_logprob_grad(T* dz, const T* z, int64_t V, A inv_tau, A L, int64_t x,
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) dz[v] = cpu_math::store<T>(-coef * cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - L));
   dz[x] = cpu_math::store<T>(coef * (A(1) - cpu_math::exp(cpu_math::load<A>(z[x]) * inv_tau - L)));
+}
+
+// dz[v] = scale * (pooled[v] h[v] - p[v] D): the logmean gradient of one row.
+template <typename T, typename A>
+void write_logmean_grad(T* dz, const A* pooled, const A* h, const A* p, int64_t V, A D, A scale) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) dz[v] = cpu_math::store<T>(scale * (pooled[v] * h[v] - p[v] * D));
 }
 
 template <typename T>
@@ -60,6 +70,21 @@ void parallel_chunks(int64_t K, const MakeWork& make_work, const Body& body) {
   }
 }
 
+// log p_hat[v] of a side pooled by first or bayes, read off the pooled row's logits: a[v] - L + log c ...
+template <typename T, typename A>
+struct LogFromLogits {
+  const T* z;
+  A inv_tau, shift;
+  __attribute__((always_inline)) A operator()(int64_t v) const { return cpu_math::load<A>(z[v]) * inv_tau - shift; }
+};
+
+// ... or, for mean and logmean, from an array that holds it.
+template <typename A>
+struct LogFromArray {
+  const A* logs;
+  __attribute__((always_inline)) A operator()(int64_t v) const { return logs[v]; }
+};
+
 // One side (student or teacher) of the chunks: its logits and how its rows are pooled.
 template <typename T>
 struct Side {
@@ -72,13 +97,16 @@ struct Side {
   A* lse;
 
   static Side student(const LossParams& p) {
-    return {static_cast<const T*>(p.student_logits), p.V_s, A(p.inv_tau), p.merge, p.student_targets,
+    return {static_cast<const T*>(p.student_logits), p.V_s, A(p.inv_tau), p.student_merge, p.student_targets,
             static_cast<A*>(p.student_lse)};
   }
   static Side teacher(const LossParams& p) {
-    return {static_cast<const T*>(p.teacher_logits), p.V_t, A(p.inv_tau), p.merge, p.teacher_targets,
+    return {static_cast<const T*>(p.teacher_logits), p.V_t, A(p.inv_tau), p.teacher_merge, p.teacher_targets,
             static_cast<A*>(p.teacher_lse)};
   }
+
+  // Whether the pooled vector is one row's softmax times a constant (first, bayes): its log is read off the logits.
+  bool single_row() const { return merge == Merge::First || merge == Merge::Bayes; }
 
   const T* row(int64_t r) const { return z + r * V; }
 
@@ -94,9 +122,51 @@ struct Side {
     return log_c;
   }
 
+  // out[v] = (1/m) sum_r (a_r[v] - L_r): log p_hat of logmean (reads lse).
+  void mean_log_probs(A* out, int32_t r0, int32_t r1) const {
+    const A w = A(1) / A(r1 - r0);
+    for (int32_t r = r0; r < r1; ++r) {
+      const T* zr = row(r);
+      const A L = lse[r];
+      if (r == r0) {
+#pragma omp simd
+        for (int64_t v = 0; v < V; ++v) out[v] = cpu_math::load<A>(zr[v]) * inv_tau - L;
+      } else {
+#pragma omp simd
+        for (int64_t v = 0; v < V; ++v) out[v] += cpu_math::load<A>(zr[v]) * inv_tau - L;
+      }
+    }
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) out[v] *= w;
+  }
+
+  // out = exp(logs), the logmean vector from its log.
+  static void exp_of(A* out, const A* logs, int64_t V) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) out[v] = cpu_math::exp(logs[v]);
+  }
+
+  // Calls fn(log_p) with log_p(v) = log p_hat[v]: off the pooled row's logits (first, bayes; log_c from the
+  // pooling) or from `logs`, which the caller has filled (mean, logmean). One instantiation per form.
+  template <typename Fn>
+  auto with_log_pooled(const A* logs, int32_t r0, int32_t r1, A log_c, const Fn& fn) const {
+    if (single_row()) {
+      const int32_t r = pooled_row(r0, r1);
+      return fn(LogFromLogits<T, A>{row(r), inv_tau, lse[r] - log_c});
+    }
+    return fn(LogFromArray<A>{logs});
+  }
+
   // Forward: out = the pooled probability vector of rows [r0, r1), computing (and saving) the
-  // logsumexp of every row it reads; `tmp` is a V-sized scratch buffer. Returns log c.
+  // logsumexp of every row it reads; `tmp` is a V-sized scratch buffer, which holds log p_hat on return
+  // for logmean. Returns log c.
   A pool_softmax(A* out, A* tmp, int32_t r0, int32_t r1) const {
+    if (merge == Merge::LogMean) {
+      for (int32_t r = r0; r < r1; ++r) lse[r] = row_lse(row(r), V, inv_tau);
+      mean_log_probs(tmp, r0, r1);
+      exp_of(out, tmp, V);
+      return A(0);
+    }
     if (merge == Merge::Mean) {
       const A w = A(1) / A(r1 - r0);
       lse[r0] = row_softmax(out, row(r0), V, inv_tau, w);
@@ -118,7 +188,10 @@ struct Side {
 
   // Backward: the same vector from the saved logsumexps.
   void pool_probs(A* out, int32_t r0, int32_t r1, A log_c) const {
-    if (merge == Merge::Mean) {
+    if (merge == Merge::LogMean) {
+      mean_log_probs(out, r0, r1);
+      exp_of(out, out, V);
+    } else if (merge == Merge::Mean) {
       const A w = A(1) / A(r1 - r0);
       for (int32_t r = r0; r < r1; ++r) row_probs(out, row(r), V, inv_tau, lse[r], w, r > r0);
     } else {
@@ -128,8 +201,8 @@ struct Side {
   }
 
   // The gradient rows [r0, r1) of a loss whose gradient in the pooled vector is h (V-sized), into the
-  // gradient base `dz` (row 0). `pooled` is the pooled vector (read by first, and by bayes without prefix
-  // rows), `scratch` V-sized. Writes every row of the chunk.
+  // gradient base `dz` (row 0). `pooled` is the pooled vector (read by first, logmean, and by bayes without
+  // prefix rows), `scratch` V-sized. Writes every row of the chunk.
   void pool_backward(T* dz, const A* h, const A* pooled, A* scratch, int32_t r0, int32_t r1, A log_c) const {
     switch (merge) {
       case Merge::First: {
@@ -159,6 +232,15 @@ struct Side {
         write_softmax_grad(dz + last * V, p_last, h, V, u, inv_tau * c);
         for (int32_t r = r0; r < last; ++r) {
           write_logprob_grad(dz + r * V, row(r), V, inv_tau, lse[r], targets[r], inv_tau * c * u);
+        }
+        break;
+      }
+      case Merge::LogMean: {
+        const A D = dot(pooled, h, V);
+        const A scale = inv_tau / A(r1 - r0);
+        for (int32_t r = r0; r < r1; ++r) {
+          row_probs(scratch, row(r), V, inv_tau, lse[r], A(1), false);
+          write_logmean_grad(dz + r * V, pooled, h, scratch, V, D, scale);
         }
         break;
       }

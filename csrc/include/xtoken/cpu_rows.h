@@ -95,23 +95,27 @@ A dot(const A* a, const A* b, int64_t V) {
 // marking an empty column (row); the other entries form a list applied afterwards in order. A sum thus
 // runs w_0 x_0 + w_1 x_1 + ... exactly as a plain loop over the column (row), the GPU's order, while the
 // first, vectorizable pass does almost all of the work (most tokens have one entry).
+// The weights are in A, the accumulation type.
+template <typename A>
 struct ProjectionPlan {
   std::vector<int32_t> col_first_src, col_rest_t, col_rest_src;
-  std::vector<float> col_first_val, col_rest_val;
+  std::vector<A> col_first_val, col_rest_val;
   std::vector<int32_t> row_first_t, row_rest_s, row_rest_t;
-  std::vector<float> row_first_val, row_rest_val;
+  std::vector<A> row_first_val, row_rest_val;
 
   ProjectionPlan(const ProjectionView& W, int64_t V_s, int64_t V_t)
-      : col_first_src(V_t, -1), col_first_val(V_t, 0.f), row_first_t(V_s, -1), row_first_val(V_s, 0.f) {
+      : col_first_src(V_t, -1), col_first_val(V_t, A(0)), row_first_t(V_s, -1), row_first_val(V_s, A(0)) {
+    const A* val = W.values<A>();
+    const A* col_val = W.col_values<A>();
     for (int64_t t = 0; t < V_t; ++t) {
       for (int32_t j = W.col_ptr[t]; j < W.col_ptr[t + 1]; ++j) {
         if (j == W.col_ptr[t]) {
           col_first_src[t] = W.col_src[j];
-          col_first_val[t] = W.col_val[j];
+          col_first_val[t] = col_val[j];
         } else {
           col_rest_t.push_back(static_cast<int32_t>(t));
           col_rest_src.push_back(W.col_src[j]);
-          col_rest_val.push_back(W.col_val[j]);
+          col_rest_val.push_back(col_val[j]);
         }
       }
     }
@@ -122,12 +126,12 @@ struct ProjectionPlan {
         if (t < 0) continue;
         if (first) {
           row_first_t[s] = t;
-          row_first_val[s] = W.val[s * W.P + j];
+          row_first_val[s] = val[s * W.P + j];
           first = false;
         } else {
           row_rest_s.push_back(static_cast<int32_t>(s));
           row_rest_t.push_back(t);
-          row_rest_val.push_back(W.val[s * W.P + j]);
+          row_rest_val.push_back(val[s * W.P + j]);
         }
       }
     }
@@ -136,24 +140,24 @@ struct ProjectionPlan {
 
 // out[i] = val[i] * x[src[i]] where src[i] >= 0, else 0; then out[rest_out[e]] += rest_val[e] * x[rest_src[e]].
 template <typename A>
-void gather_first(A* out, const A* x, const int32_t* src, const float* val, int64_t n) {
+void gather_first(A* out, const A* x, const int32_t* src, const A* val, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const int32_t s = src[i] < 0 ? 0 : src[i];
-    const A v = static_cast<A>(val[i]) * x[s];
+    const A v = val[i] * x[s];
     out[i] = src[i] < 0 ? A(0) : v;
   }
 }
 
 template <typename A>
 void gather_rest(A* out, const A* x, const std::vector<int32_t>& out_idx, const std::vector<int32_t>& src,
-                 const std::vector<float>& val) {
-  for (size_t e = 0; e < out_idx.size(); ++e) out[out_idx[e]] += static_cast<A>(val[e]) * x[src[e]];
+                 const std::vector<A>& val) {
+  for (size_t e = 0; e < out_idx.size(); ++e) out[out_idx[e]] += val[e] * x[src[e]];
 }
 
 // q = W^T p (out [V_t], probs [V_s]).
 template <typename A>
-void gather_columns(A* out, const A* probs, const ProjectionPlan& plan) {
+void gather_columns(A* out, const A* probs, const ProjectionPlan<A>& plan) {
   gather_first(out, probs, plan.col_first_src.data(), plan.col_first_val.data(),
                static_cast<int64_t>(plan.col_first_src.size()));
   gather_rest(out, probs, plan.col_rest_t, plan.col_rest_src, plan.col_rest_val);
@@ -161,7 +165,7 @@ void gather_columns(A* out, const A* probs, const ProjectionPlan& plan) {
 
 // h = W g (out [V_s], g [V_t]).
 template <typename A>
-void gather_rows(A* out, const A* g, const ProjectionPlan& plan) {
+void gather_rows(A* out, const A* g, const ProjectionPlan<A>& plan) {
   gather_first(out, g, plan.row_first_t.data(), plan.row_first_val.data(),
                static_cast<int64_t>(plan.row_first_t.size()));
   gather_rest(out, g, plan.row_rest_s, plan.row_rest_t, plan.row_rest_val);

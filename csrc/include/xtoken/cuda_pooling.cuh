@@ -1,6 +1,6 @@
 // The chunk pooling of SPEC.md §3 on the GPU, shared by every chunked loss (the formulas and their
-// backward are those of cpu_pooling.h). A Side is one side (student or teacher) of the chunks; its
-// methods are called by a whole block working on one chunk.
+// backward are those of cpu_pooling.h). A Side is one side (student or teacher) of the chunks, with its own
+// merge; its methods are called by a whole block working on one chunk.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -15,39 +15,93 @@ __device__ __forceinline__ bool chunk_ok(const Chunk& c, int64_t N_s, int64_t N_
   return c.s0 >= 0 && c.s0 < c.s1 && c.s1 <= N_s && c.t0 >= 0 && c.t0 < c.t1 && c.t1 <= N_t;
 }
 
+// Rows [r0, r1) of a [rows, V] tensor set to `value` (none when r1 <= r0).
 template <typename T>
-__device__ void zero_rows(T* base, int64_t V, int64_t r0, int64_t r1) {
+__device__ void fill_rows(T* base, int64_t V, int64_t r0, int64_t r1, T value) {
   const int64_t n = (r1 - r0) * V;
   T* out = base + r0 * V;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = T(0);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = value;
 }
 
-// The student gradient rows no chunk owns, around chunk k (see the CPU version in cpu_pooling.h).
+template <typename T>
+__device__ void zero_rows(T* base, int64_t V, int64_t r0, int64_t r1) {
+  fill_rows(base, V, r0, r1, T(0));
+}
+
+__device__ __forceinline__ int64_t clamp_row(int64_t r, int64_t rows) { return r < 0 ? 0 : (r > rows ? rows : r); }
+
+// The student gradient rows no chunk owns, around chunk k (see the CPU version in cpu_pooling.h): those between
+// chunk k-1 and chunk k, and after the last chunk. The bounds are clamped into [0, N_s]: with the chunks'
+// own rows (nan_rows_of_chunk for an invalid chunk) this writes every gradient row whatever the chunk table
+// holds, and nothing outside the gradient (the content checks may have been skipped).
 template <typename T>
 __device__ void zero_rows_around_chunk(const LossParams& p, int64_t k) {
   T* dz = static_cast<T*>(p.grad_student);
   const Chunk c = p.chunks[k];
-  const int64_t prev_end = k == 0 ? 0 : p.chunks[k - 1].s1;
-  if (prev_end >= 0 && prev_end <= c.s0) zero_rows(dz, p.V_s, prev_end, c.s0);
-  if (k == p.K - 1) zero_rows(dz, p.V_s, c.s1, p.N_s);
+  zero_rows(dz, p.V_s, clamp_row(k == 0 ? 0 : p.chunks[k - 1].s1, p.N_s), clamp_row(c.s0, p.N_s));
+  if (k == p.K - 1) zero_rows(dz, p.V_s, clamp_row(c.s1, p.N_s), p.N_s);
+}
+
+// The student rows of a chunk that fails chunk_ok (reachable only when the content checks were skipped), clamped
+// into [0, N_s), get NaN: the gradient says that the chunk was invalid, as its NaN loss does.
+template <typename T>
+__device__ void nan_rows_of_chunk(const LossParams& p, const Chunk& c) {
+  fill_rows(static_cast<T*>(p.grad_student), p.V_s, clamp_row(c.s0, p.N_s), clamp_row(c.s1, p.N_s), nan_value<T>());
+}
+
+// log sum_i exp(a_i[v] - L_i) over m rows from z (row stride V, logsumexps lse[0, m)): log(m p_mean[v]),
+// without underflow.
+template <typename T, typename A>
+__device__ __forceinline__ A log_sum_probs(const T* z, int64_t V, A inv_tau, const A* lse, int32_t m, int64_t v) {
+  A out = static_cast<A>(z[v]) * inv_tau - lse[0];
+  for (int32_t i = 1; i < m; ++i) {
+    const A x = static_cast<A>(z[i * V + v]) * inv_tau - lse[i];
+    const A hi = x > out ? x : out, lo = x > out ? out : x;
+    out = hi == A(-INFINITY) ? hi : hi + dlog(A(1) + dexp(lo - hi));
+  }
+  return out;
 }
 
 // The pooled rows of one side of a chunk: the probability of token v under pool(rows) without the
-// bayes prefix factor c (first: row r0; bayes: the last row; mean: the average of all rows).
+// bayes prefix factor c (first: row r0; bayes: the last row; mean: the average of all rows; logmean: the
+// geometric mean of all rows), and its log.
 template <typename T, typename A>
 struct Pooled {
   const T* __restrict__ z;  // first row used
   int64_t V;
   A inv_tau;
   A L;                        // its logsumexp (first, bayes)
-  const A* lse;              // the rows' logsumexps (mean); written by the forward kernel: not __restrict__
-  int32_t m;                  // rows averaged (mean), 0 otherwise
+  const A* lse;              // the rows' logsumexps (mean, logmean); written by the forward kernel: not __restrict__
+  int32_t m;                  // rows pooled (mean, logmean), 0 otherwise
+  bool log_mean;              // logmean rather than mean
+
+  // log p: off the logits (one row), the mean of the rows' log-probabilities (logmean) or their log-mean-exp
+  // (mean).
+  __device__ __forceinline__ A log_prob(int64_t v) const {
+    if (m == 0) return static_cast<A>(z[v]) * inv_tau - L;
+    if (!log_mean) return log_sum_probs(z, V, inv_tau, lse, m, v) - dlog(A(m));
+    A s = 0;
+    for (int32_t i = 0; i < m; ++i) s += static_cast<A>(z[i * V + v]) * inv_tau - lse[i];
+    return s / A(m);
+  }
 
   __device__ __forceinline__ A prob(int64_t v) const {
-    if (m == 0) return dexp(static_cast<A>(z[v]) * inv_tau - L);
+    if (m == 0 || log_mean) return dexp(log_prob(v));
     A p = 0;
     for (int32_t i = 0; i < m; ++i) p += dexp(static_cast<A>(z[i * V + v]) * inv_tau - lse[i]);
     return p / A(m);
+  }
+
+  // p and log p of the pooled vector times the bayes factor c = exp(log_c): mean takes the log of p (the
+  // cheaper way where p is only weighted, as on the teacher side), the others exponentiate log p.
+  __device__ __forceinline__ void prob_and_log(int64_t v, A log_c, A& p, A& lp) const {
+    if (m > 0 && !log_mean) {
+      p = prob(v);
+      lp = dlog(p);
+    } else {
+      lp = log_prob(v) + log_c;
+      p = dexp(lp);
+    }
   }
 };
 
@@ -62,11 +116,11 @@ struct Side {
   A* lse;
 
   static Side student(const LossParams& p) {
-    return {static_cast<const T*>(p.student_logits), p.V_s, A(p.inv_tau), p.merge, p.student_targets,
+    return {static_cast<const T*>(p.student_logits), p.V_s, A(p.inv_tau), p.student_merge, p.student_targets,
             static_cast<A*>(p.student_lse)};
   }
   static Side teacher(const LossParams& p) {
-    return {static_cast<const T*>(p.teacher_logits), p.V_t, A(p.inv_tau), p.merge, p.teacher_targets,
+    return {static_cast<const T*>(p.teacher_logits), p.V_t, A(p.inv_tau), p.teacher_merge, p.teacher_targets,
             static_cast<A*>(p.teacher_lse)};
   }
 
@@ -90,9 +144,11 @@ struct Side {
 
   // The pooled rows of a chunk (call after the lse values are written).
   __device__ Pooled<T, A> pooled(int32_t r0, int32_t r1) const {
-    if (merge == Merge::Mean) return {row(r0), V, inv_tau, A(0), lse + r0, r1 - r0};
+    if (merge == Merge::Mean || merge == Merge::LogMean) {
+      return {row(r0), V, inv_tau, A(0), lse + r0, r1 - r0, merge == Merge::LogMean};
+    }
     const int32_t r = pooled_row(r0, r1);
-    return {row(r), V, inv_tau, lse[r], nullptr, 0};
+    return {row(r), V, inv_tau, lse[r], nullptr, 0, false};
   }
 
   // Writes the logsumexp of every row the pooling reads (the whole block takes part).
@@ -103,20 +159,18 @@ struct Side {
     }
   }
 
-  // <p_row, h> for first and bayes: the pooled row's probabilities (without c) against h(v).
+  // The D of pool_backward for first, bayes and logmean: the pooled probabilities without c against h(v).
   template <typename H>
-  __device__ A pooled_row_dot(const H& h, int32_t r0, int32_t r1, A* scratch) const {
-    const int32_t r = pooled_row(r0, r1);
-    const A L = lse[r];
-    const T* zr = row(r);
+  __device__ A pooled_dot(const H& h, int32_t r0, int32_t r1, A* scratch) const {
+    const Pooled<T, A> pooled_rows = pooled(r0, r1);
     A acc = 0;
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) acc += dexp(static_cast<A>(zr[v]) * inv_tau - L) * h(v);
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) acc += pooled_rows.prob(v) * h(v);
     return block_sum(acc, scratch);
   }
 
   // The gradient rows [r0, r1) of a loss whose gradient in the pooled vector is h(v), into the gradient
-  // base dz (row 0); every row of the chunk is written. c is the bayes prefix factor and D = <p_row, h>
-  // (first, bayes; see pooled_row_dot); mean computes its own per row.
+  // base dz (row 0); every row of the chunk is written. c is the bayes prefix factor and D = <p, h> with p
+  // the pooled probabilities without c (first, bayes, logmean; see pooled_dot); mean computes its own per row.
   template <typename H>
   __device__ void pool_backward(T* dz, const H& h, int32_t r0, int32_t r1, A c, A D, A* scratch) const {
     if (merge == Merge::First) {
@@ -138,6 +192,15 @@ struct Side {
         T* out = dz + r * V;
         for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
           out[v] = static_cast<T>(scale * dexp(static_cast<A>(zr[v]) * inv_tau - L) * (h(v) - d_row));
+        }
+      }
+    } else if (merge == Merge::LogMean) {  // dz_r = (p_hat h - p_r D) / (m tau)
+      const A scale = inv_tau / A(r1 - r0);
+      const Pooled<T, A> pooled_rows = pooled(r0, r1);
+      for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        const A hp = h(v) * pooled_rows.prob(v);
+        for (int32_t r = r0; r < r1; ++r) {
+          dz[r * V + v] = static_cast<T>(scale * (hp - dexp(static_cast<A>(row(r)[v]) * inv_tau - lse[r]) * D));
         }
       }
     } else {  // Bayes: D is u = <p_last, h>

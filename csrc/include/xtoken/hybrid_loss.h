@@ -38,7 +38,8 @@ struct HybridInputs : LossInputs {
 // The losses are [K, 2]: column 0 the matched term, column 1 the sorted-L1 term (unweighted, no tau^2).
 HybridInputs prepare_hybrid(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                             const at::Tensor& chunks, const at::Tensor& pairs, double temperature,
-                            c10::string_view merge, c10::string_view matched, double beta,
+                            c10::string_view student_merge, c10::string_view teacher_merge,
+                            c10::string_view matched, double beta,
                             c10::optional<int64_t> uld_topk, const c10::optional<at::Tensor>& student_targets,
                             const c10::optional<at::Tensor>& teacher_targets);
 

@@ -9,7 +9,8 @@
 namespace xtoken {
 
 LossInputs prepare_kd(const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& chunks,
-                      double temperature, c10::string_view merge, const c10::optional<at::Tensor>& student_targets,
+                      double temperature, c10::string_view student_merge, c10::string_view teacher_merge,
+                      const c10::optional<at::Tensor>& student_targets,
                       const c10::optional<at::Tensor>& teacher_targets);
 
 }  // namespace xtoken

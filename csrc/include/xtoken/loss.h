@@ -17,9 +17,9 @@ struct LossParams {
   const Chunk* chunks;
   int64_t K;
   double inv_tau;
-  Merge merge;
-  const int64_t* student_targets;  // merge == Bayes only
-  const int64_t* teacher_targets;
+  Merge student_merge, teacher_merge;
+  const int64_t* student_targets;  // student_merge == Bayes only
+  const int64_t* teacher_targets;  // teacher_merge == Bayes only
   // Forward outputs, in the accumulation type (float, or double for float64 logits).
   void* losses;
   void* student_lse;  // [N_s], rows no pooling reads stay 0
@@ -32,16 +32,17 @@ struct LossParams {
 struct LossInputs {
   at::Tensor student_logits, teacher_logits, chunks, student_targets, teacher_targets;  // contiguous
   double inv_tau;
-  Merge merge;
+  Merge student_merge, teacher_merge;
 
   // The pointers and sizes of the inputs; outputs stay null.
   LossParams params() const;
 };
 
 // Checks the arguments every loss shares and returns them contiguous. The content checks (chunk
-// ranges, bayes targets) are queued on `checks`; the caller runs them.
+// ranges, bayes targets) are queued on `checks`; the caller runs them. Each side has its own merge.
 LossInputs prepare_loss(const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& chunks,
-                        double temperature, c10::string_view merge, const c10::optional<at::Tensor>& student_targets,
+                        double temperature, c10::string_view student_merge, c10::string_view teacher_merge,
+                        const c10::optional<at::Tensor>& student_targets,
                         const c10::optional<at::Tensor>& teacher_targets, ContentChecks& checks);
 
 // The dtype the kernels accumulate in (and of the losses and saved LSEs).

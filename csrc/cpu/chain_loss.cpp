@@ -1,0 +1,267 @@
+// Chain KL on the CPU (SPEC.md §4).
+//
+// Per chunk, a sum over its levels (for_each_chain_level in chain_loss.h). A level conditions one side's row
+// (logits a = z / tau) on a realized prefix: its tokens are the sorted rows [lo, hi) of that side's piece table,
+// grouped into runs by their next piece c (or "ends here"). With S_c = sum_{v in run c} exp(a_v - max) and
+// S = sum_c S_c, and the other side's row b (log-probabilities b_u - L):
+//   cond(c)  = S_c / S
+//   plain(c) = exp(b_c - L) for the pieces c of the runs; plain(end) = sum_{u not a piece} exp(b_u - L)
+//   L_level  = sum_c T(c) (log T(c) - log(M(c) + eps)),  (T, M) = (plain, cond) on a teacher-side level
+//                                                        (the student is conditioned), (cond, plain) on a
+//                                                        student-side level (M:1 chunks)
+// Backward, with r(c) = T(c) / (M(c) + eps) and R = sum_c M(c) r(c), the student row of the model side gets
+//   dL/da_v = pi(v) (R - r(bucket(v))),   pi = the model's own probabilities (cond: S_v / S over the range;
+//                                         plain: the softmax of the row, with bucket(v) = v for a piece, else end)
+// and dL/dz = dL/da / tau. A teacher-side chunk's levels all sum into the student row s0; a student-side level
+// writes its own row s0 + j.
+// Work split: one chunk at a time per OpenMP thread (dynamic schedule), thread-private buffers; the bucket sums
+// run in sorted-row order, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "xtoken/chain_loss.h"
+#include "xtoken/cpu_pooling.h"
+
+namespace xtoken {
+namespace cpu {
+namespace {
+
+template <typename T>
+struct ChainCpu {
+  using A = acc_t<T>;
+  const ChainParams& p;
+  const T* zs;
+  const T* zt;
+  A inv_tau;
+  A* lse_s;
+  A* lse_t;
+
+  explicit ChainCpu(const ChainParams& params)
+      : p(params),
+        zs(static_cast<const T*>(p.student_logits)),
+        zt(static_cast<const T*>(p.teacher_logits)),
+        inv_tau(static_cast<A>(p.inv_tau)),
+        lse_s(static_cast<A*>(p.student_lse)),
+        lse_t(static_cast<A*>(p.teacher_lse)) {}
+
+  struct Run {
+    int32_t piece;  // -1: the tokens that end here
+    int64_t begin, end;
+    double sum;
+    A r;
+  };
+
+  // Thread-private buffers: piece flags and r per piece (over the plain side's vocabulary), the runs, and the
+  // gradient of the student row of a teacher-side chunk.
+  struct Work {
+    std::vector<uint8_t> flags;
+    std::vector<A> r_of, g;
+    std::vector<Run> runs;
+    Work(int64_t V_s, int64_t V_t) : flags(std::max(V_s, V_t), 0), r_of(V_s), g(V_s) {}
+  };
+
+  const PieceTableView& table(const ChainLevel& lv) const {
+    return lv.teacher_side ? p.student_pieces : p.teacher_pieces;
+  }
+  const T* cond_row(const ChainLevel& lv) const {
+    return lv.teacher_side ? zs + int64_t(lv.cond_row) * p.V_s : zt + int64_t(lv.cond_row) * p.V_t;
+  }
+  const T* plain_row(const ChainLevel& lv) const {
+    return lv.teacher_side ? zt + int64_t(lv.plain_row) * p.V_t : zs + int64_t(lv.plain_row) * p.V_s;
+  }
+  int64_t plain_width(const ChainLevel& lv) const { return lv.teacher_side ? p.V_t : p.V_s; }
+  A& plain_lse(const ChainLevel& lv) const { return lv.teacher_side ? lse_t[lv.plain_row] : lse_s[lv.plain_row]; }
+
+  // The level's KL. Fills w.runs (with r per run) and w.flags (cleared by clear_flags), and returns the max
+  // shift, the log of the range's total and R through the out-parameters, for the backward.
+  A level_terms(const ChainLevel& lv, Work& w, A& shift, A& log_total, A& R, A& r_end) const {
+    const PieceTableView& tab = table(lv);
+    const T* zc = cond_row(lv);
+    A mx = -std::numeric_limits<A>::infinity();
+    for (int64_t r = lv.lo; r < lv.hi; ++r) {
+      const A x = cpu_math::load<A>(zc[tab.order[r]]);
+      mx = (x > mx || x != x) ? x : mx;  // NaN propagates
+    }
+    if (mx == -std::numeric_limits<A>::infinity()) mx = 0;  // every token of the range impossible
+    w.runs.clear();
+    double total = 0;
+    for (int64_t r = lv.lo; r < lv.hi; ++r) {
+      const int32_t piece = tab.pieces[r * tab.L + lv.depth];
+      if (w.runs.empty() || w.runs.back().piece != piece) w.runs.push_back({piece, r, r, 0.0, A(0)});
+      const A e = cpu_math::exp((cpu_math::load<A>(zc[tab.order[r]]) - mx) * inv_tau);
+      w.runs.back().end = r + 1;
+      w.runs.back().sum += e;
+      total += e;
+    }
+    shift = mx;
+    log_total = total > 0 ? static_cast<A>(std::log(total)) : A(0);
+    const T* zp = plain_row(lv);
+    const int64_t V_p = plain_width(lv);
+    const A L = plain_lse(lv);
+    for (const Run& run : w.runs) {
+      if (run.piece >= 0) w.flags[run.piece] = 1;
+    }
+    const uint8_t* flags = w.flags.data();
+    const A end_mass = blocked_sum<A>(V_p, [&](int64_t u) {
+      const A e = cpu_math::exp(cpu_math::load<A>(zp[u]) * inv_tau - L);
+      return flags[u] ? A(0) : e;
+    });
+    const A log_plain_end = end_mass > 0 ? static_cast<A>(std::log(end_mass)) : -std::numeric_limits<A>::infinity();
+    const bool target_is_plain = lv.teacher_side;
+    A loss = 0;
+    R = 0;
+    r_end = 0;
+    bool has_end_run = false;
+    const auto bucket = [&](A log_cond, A log_plain, A& r_out) {
+      const A log_t = target_is_plain ? log_plain : log_cond;
+      const A log_m = target_is_plain ? log_cond : log_plain;
+      const A t = std::exp(log_t), model = std::exp(log_m);
+      r_out = t != 0 ? t / (model + A(kPklEps)) : A(0);  // a NaN t propagates
+      R += model * r_out;
+      if (t != 0) loss += t * (log_t - std::log(model + A(kPklEps)));
+    };
+    for (Run& run : w.runs) {
+      const A log_cond = static_cast<A>(std::log(run.sum)) - log_total;
+      if (run.piece < 0) {
+        has_end_run = true;
+        bucket(log_cond, log_plain_end, run.r);
+        r_end = run.r;
+      } else {
+        bucket(log_cond, cpu_math::load<A>(zp[run.piece]) * inv_tau - L, run.r);
+      }
+    }
+    if (!has_end_run) bucket(-std::numeric_limits<A>::infinity(), log_plain_end, r_end);
+    return loss;
+  }
+
+  void clear_flags(Work& w) const {
+    for (const Run& run : w.runs) {
+      if (run.piece >= 0) w.flags[run.piece] = 0;
+    }
+  }
+
+  // Saves the LSE of every plain row the chunk's levels read (the conditioned rows need none).
+  void save_plain_lse(const ChainLevel& lv) const {
+    A& L = plain_lse(lv);
+    L = row_lse(plain_row(lv), plain_width(lv), inv_tau);
+  }
+
+  A forward_chunk(const Chunk& c, Work& w) const {
+    A loss = 0;
+    for_each_chain_level(p, c, [&](const ChainLevel& lv) {
+      save_plain_lse(lv);
+      A shift, log_total, R, r_end;
+      loss += level_terms(lv, w, shift, log_total, R, r_end);
+      clear_flags(w);
+    });
+    return loss;
+  }
+
+  void backward_chunk(int64_t k, Work& w) const {
+    const Chunk c = p.chunks[k];
+    const A G = static_cast<const A*>(p.grad_losses)[k];
+    T* dz = static_cast<T*>(p.grad_student);
+    zero_rows_around_chunk<T>(p, k);
+    int32_t next_row = c.s0;  // the first student row of the chunk not yet written
+    bool teacher_side = true;
+    for_each_chain_level(p, c, [&](const ChainLevel& lv) {
+      A shift, log_total, R, r_end;
+      level_terms(lv, w, shift, log_total, R, r_end);
+      const A scale = G * inv_tau;
+      if (lv.teacher_side) {
+        const PieceTableView& tab = table(lv);
+        const T* zc = cond_row(lv);
+        for (const Run& run : w.runs) {
+          for (int64_t r = run.begin; r < run.end; ++r) {
+            const int32_t v = tab.order[r];
+            const A pi = cpu_math::exp((cpu_math::load<A>(zc[v]) - shift) * inv_tau - log_total);
+            const A g = scale * pi * (R - run.r);
+            w.g[v] = lv.depth == 0 ? g : w.g[v] + g;
+          }
+        }
+      } else {
+        teacher_side = false;
+        for (const Run& run : w.runs) {
+          if (run.piece >= 0) w.r_of[run.piece] = run.r;
+        }
+        const T* zp = plain_row(lv);
+        const A L = plain_lse(lv);
+        const uint8_t* flags = w.flags.data();
+        const A* r_of = w.r_of.data();
+        T* row = dz + int64_t(lv.plain_row) * p.V_s;
+#pragma omp simd
+        for (int64_t u = 0; u < p.V_s; ++u) {
+          const A pu = cpu_math::exp(cpu_math::load<A>(zp[u]) * inv_tau - L);
+          row[u] = cpu_math::store<T>(scale * pu * (R - (flags[u] ? r_of[u] : r_end)));
+        }
+        next_row = lv.plain_row + 1;
+      }
+      clear_flags(w);
+    });
+    if (teacher_side) {
+      T* row = dz + int64_t(c.s0) * p.V_s;
+      const A* g = w.g.data();
+#pragma omp simd
+      for (int64_t v = 0; v < p.V_s; ++v) row[v] = cpu_math::store<T>(g[v]);
+      next_row = c.s0 + 1;
+    }
+    zero_rows(dz, p.V_s, next_row, c.s1);
+  }
+
+  Work make_work() const { return Work(p.V_s, p.V_t); }
+
+  void forward() const {
+    A* losses = static_cast<A*>(p.losses);
+    parallel_chunks(p.K, [&] { return make_work(); },
+                    [&](int64_t k, Work& w) { losses[k] = forward_chunk(p.chunks[k], w); });
+  }
+
+  void backward() const {
+    parallel_chunks(p.K, [&] { return make_work(); }, [&](int64_t k, Work& w) { backward_chunk(k, w); });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_loss_fwd_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& chunks,
+    const at::Tensor& student_pieces, const at::Tensor& student_order, const c10::optional<at::Tensor>& teacher_pieces,
+    const c10::optional<at::Tensor>& teacher_order, double temperature, const at::Tensor& student_targets,
+    const at::Tensor& teacher_targets) {
+  const ChainInputs in = prepare_chain(student_logits, teacher_logits, chunks, student_pieces, student_order,
+                                       teacher_pieces, teacher_order, temperature, student_targets, teacher_targets);
+  ChainParams p = in.params();
+  const ForwardOutputs out = allocate_forward(in, {p.K}, p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "chain_loss_fwd_cpu",
+                                  [&] { ChainCpu<scalar_t>(p).forward(); });
+  return {out.losses, out.student_lse, out.teacher_lse};
+}
+
+at::Tensor chain_loss_bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& student_logits,
+                              const at::Tensor& teacher_logits, const at::Tensor& chunks,
+                              const at::Tensor& student_pieces, const at::Tensor& student_order,
+                              const c10::optional<at::Tensor>& teacher_pieces,
+                              const c10::optional<at::Tensor>& teacher_order, double temperature,
+                              const at::Tensor& student_targets, const at::Tensor& teacher_targets,
+                              const at::Tensor& student_lse, const at::Tensor& teacher_lse) {
+  const ChainInputs in = prepare_chain(student_logits, teacher_logits, chunks, student_pieces, student_order,
+                                       teacher_pieces, teacher_order, temperature, student_targets, teacher_targets);
+  ChainParams p = in.params();
+  const BackwardTensors t = bind_backward(grad_losses, student_lse, teacher_lse, {p.K}, in, "chain_loss_fwd", p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "chain_loss_bwd_cpu",
+                                  [&] { ChainCpu<scalar_t>(p).backward(); });
+  return t.grad_student;
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(xtoken, CPU, m) {
+  m.impl("chain_loss_fwd", &cpu::chain_loss_fwd_cpu);
+  m.impl("chain_loss_bwd", &cpu::chain_loss_bwd_cpu);
+}
+
+}  // namespace xtoken
