@@ -120,11 +120,14 @@ def train(
     chat: bool = False,
     on_policy: float | None = None,
     learning_rate: float = 1e-2,
+    fused_linear: bool = False,
+    teacher_settings: dict | None = None,
 ):
     """Train a tiny student for ``steps`` optimizer steps on :data:`TEXTS` (fixed order), or with ``chat`` on
     :data:`CHATS` (a Llama-3 template student, teachers with their own templates), and return the trainer. With
     ``on_policy`` the student samples up to 8 tokens per answer. The student, teachers and data are the same in
-    every process. ``max_length`` defaults to 48 tokens (96 for chat: the templates take room)."""
+    every process. ``max_length`` defaults to 48 tokens (96 for chat: the templates take room). ``teacher_settings``:
+    Teacher attributes set on every teacher with a projection (e.g. ``loss``, ``merge``, ``learn_projection``)."""
     from transformers import TrainingArguments
 
     max_length = max_length or (96 if chat else 48)
@@ -142,9 +145,15 @@ def train(
     if on_policy is not None:
         eos = student_tok.eos_token_id if chat else student_tok.roles["eos"]
         extra = dict(on_policy=on_policy, generation_config={"max_new_tokens": 8, "eos_token_id": eos})
+    teacher_list = make_teachers(teachers, student_tok, chat=chat)
+    for teacher in teacher_list:
+        if teacher.projection is not None:
+            for key, value in (teacher_settings or {}).items():
+                setattr(teacher, key, value)
     trainer = xtoken.DistillationTrainer(
-        student, args, teachers=make_teachers(teachers, student_tok, chat=chat), student_tokenizer=student_tok,
-        kd_scaling=kd_scaling, max_length=max_length, train_dataset=CHATS if chat else TEXTS, **extra,
+        student, args, teachers=teacher_list, student_tokenizer=student_tok,
+        kd_scaling=kd_scaling, max_length=max_length, train_dataset=CHATS if chat else TEXTS, fused_linear=fused_linear,
+        **extra,
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=resume)
     return trainer

@@ -94,6 +94,68 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     torch.testing.assert_close(weights(accumulated), weights(big), rtol=0, atol=2e-4)
 
 
+@pytest.mark.parametrize("teachers", [["digits"], ["sentencepiece", "same"]], ids=["one", "two"])
+def test_fused_linear_equals_the_logits_path(tmp_path, teachers):
+    # Dynamic scaling, CE fused into the first teacher's blocks, a cross-tokenizer and a same-tokenizer teacher.
+    logits = train(str(tmp_path / "logits"), teachers=teachers, batch_size=4, steps=3)
+    widths = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: widths.append(out.shape[-1]) if isinstance(module, torch.nn.Linear)
+        and module.out_features > 100 else None)
+    try:
+        fused = train(str(tmp_path / "fused"), teachers=teachers, batch_size=4, steps=3, fused_linear=True)
+    finally:
+        hook.remove()
+    assert fused.fused_linear and all(head is not None for head in fused._teacher_heads)
+    assert widths and all(w == 32 for w in widths)  # every lm_head call returned hidden states, never logits
+    assert_logs_close(training_logs(fused), training_logs(logits))
+    torch.testing.assert_close(weights(fused), weights(logits), rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(loss="chain"), dict(loss="pkl+chain", merge=xtoken.NEMO_MERGE), dict(loss="hkl", merge=("bayes", "logmean")),
+     dict(loss="pkl", merge=xtoken.NEMO_MERGE, learn_projection=True)],
+    ids=["chain", "pkl+chain", "hkl", "learned-w"],
+)
+def test_fused_linear_equals_the_logits_path_for_every_loss_and_merge(tmp_path, settings):
+    # The chain losses, the per-side merges and a learned W (its values trained from the fused blocks too), with
+    # a cross-tokenizer and a same-tokenizer teacher.
+    runs = [train(str(tmp_path / str(fused)), teachers=["digits", "same"], batch_size=4, steps=3,
+                  fused_linear=fused, teacher_settings=settings) for fused in (False, True)]
+    assert runs[1].fused_linear and all(head is not None for head in runs[1]._teacher_heads)
+    assert_logs_close(training_logs(runs[1]), training_logs(runs[0]))
+    torch.testing.assert_close(weights(runs[1]), weights(runs[0]), rtol=0, atol=2e-4)
+    if settings.get("learn_projection"):
+        learned = [run.learned_projections["digits"].weights().detach() for run in runs]
+        assert not torch.allclose(learned[0], runs[0].teachers[0].teacher.projection.val)
+        torch.testing.assert_close(learned[1], learned[0], rtol=0, atol=1e-5)
+
+
+def test_fused_linear_on_policy_conversations_equal_the_logits_path(tmp_path):
+    # The student samples with its full model (lm_head included); the losses of the sampled batch are fused. One
+    # step: later samples would depend on weights that differ within float tolerance.
+    runs = [train(str(tmp_path / str(fused)), teachers=["digits"], batch_size=4, steps=1, chat=True, on_policy=1.0,
+                  fused_linear=fused) for fused in (False, True)]
+    assert runs[1].fused_linear and training_logs(runs[1])[0]["on_policy_share"] == 1.0
+    assert_logs_close(training_logs(runs[1]), training_logs(runs[0]))
+    torch.testing.assert_close(weights(runs[1]), weights(runs[0]), rtol=0, atol=2e-4)
+
+
+def test_fused_linear_falls_back_for_a_soft_capped_teacher(tmp_path):
+    student_tok = student_tokenizer()
+    digits, same = make_teachers(["digits", "same"], student_tok)
+    same.model.config.final_logit_softcapping = 30.0
+    with pytest.warns(UserWarning, match="teacher 'same' keeps the logits path .*final_logit_softcapping=30.0"):
+        trainer = _trainer(tmp_path, teachers=[digits, same], fused_linear=True)
+    assert trainer.fused_linear and trainer._teacher_heads[1] is None
+    trainer.train()  # the soft-capped teacher's loss uses the student's logits
+    with pytest.warns(UserWarning) as caught:
+        trainer = _trainer(tmp_path, teachers=[same], fused_linear=True)
+    assert not trainer.fused_linear
+    assert "falls back to the logits path: no teacher can be fused" in str(caught[-1].message)
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="needs torchrun")
 def test_torchrun_two_cpu_ranks_equal_one_process(tmp_path):
     output = tmp_path / "ddp.json"

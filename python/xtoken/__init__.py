@@ -8,6 +8,10 @@ from . import nn, ops, reference
 from .align import AlignedBatch, AlignedCollator, align_spans, align_texts
 from .chat import align_conversations
 from .distill import DistillationCollator, Teacher
+from .fused_linear import (
+    fused_linear_chain_loss, fused_linear_gold_loss, fused_linear_hkl_loss, fused_linear_kd_loss,
+    fused_linear_pkl_chain_loss, fused_linear_pkl_loss, fused_linear_uld_loss,
+)  # fmt: skip
 from .losses import chain_loss, gold_loss, hkl_loss, kd_loss, pkl_chain_loss, pkl_loss, project, uld_loss
 from .pieces import PieceTables
 from .projection import Projection
@@ -20,6 +24,8 @@ __all__ = [
     "chain_loss", "pkl_chain_loss", "project", "nn", "ops", "reference", "__version__", "AlignedBatch",
     "AlignedCollator", "align_spans", "align_texts", "align_conversations",
     "DistillationCollator", "DistillationTrainer", "Teacher",
+    "fused_linear_pkl_loss", "fused_linear_gold_loss", "fused_linear_hkl_loss", "fused_linear_uld_loss",
+    "fused_linear_kd_loss", "fused_linear_chain_loss", "fused_linear_pkl_chain_loss",
 ]  # fmt: skip
 
 

@@ -450,3 +450,208 @@ def run_gold_benchmark(*, device: str | None = None, csv_path: str | None = None
         append_csv(csv_path, rows)
         print(f"appended {len(rows)} rows to {csv_path}")
     return rows
+
+
+# ------------------------------------------------------------------------------------------ fused linear
+
+# Llama-3.2-1B student, Qwen3-4B teacher: hidden sizes and logit widths.
+FUSED_LINEAR_SHAPES = {"H_s": 2048, "H_t": 2560, "V_s": 128_256, "V_t": 151_936}
+
+
+def _fused_linear_case(loss: str, rows: int, dtype: torch.dtype, device: torch.device, shapes: dict, seed: int = 0):
+    """Hidden states (unit scale), lm_heads (logits of standard deviation 2), a chunk table (~90% 1:1 for P-KL;
+    one 1:1 chunk per row for KD, where the teacher shares the student's vocabulary) and W."""
+    g = torch.Generator().manual_seed(seed)
+    H_s, H_t, V_s = shapes["H_s"], shapes["H_t"], shapes["V_s"]
+    V_t = V_s if loss == "kd" else shapes["V_t"]
+    batch = max(1, rows // 512)
+    seq = rows // batch
+    if loss == "kd":
+        t_seq = seq
+        first = torch.arange(batch * seq, dtype=torch.int32)
+        chunks = torch.stack([first, first + 1, first, first + 1], dim=1)
+    else:
+        t_seq = seq + seq // 8
+        chunks = random_chunks(batch, seq, t_seq, one_to_one=0.9, drop=0.02, generator=g)
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(dtype).to(device)
+
+    hs, Ws = rand(batch * seq, H_s), rand(V_s, H_s, std=2 / H_s**0.5)
+    ht, Wt = rand(batch * t_seq, H_t), rand(V_t, H_t, std=2 / H_t**0.5)
+    mapping = (random_projection(V_s, V_t, generator=g).to(device),) if loss == "pkl" else ()
+    return hs, Ws, ht, Wt, chunks.to(device), mapping
+
+
+def _fused_linear_impls(loss: str, case, with_liger: bool, block_rows: tuple[int, ...] = ()) -> dict:
+    """name -> fn(student_hidden, student_weight) -> loss, for one case: ``fused`` with the default block size,
+    ``fused_b<n>`` with ``n`` rows per block."""
+    from . import fused_linear, losses
+
+    _, _, ht, Wt, chunks, mapping = case
+    unfused_loss = getattr(losses, f"{loss}_loss")
+    fused_loss = getattr(fused_linear, f"fused_linear_{loss}_loss")
+
+    def unfused(hidden, weight):
+        student_logits = torch.nn.functional.linear(hidden, weight)
+        with torch.no_grad():
+            teacher_logits = torch.nn.functional.linear(ht, Wt)
+        return unfused_loss(student_logits, teacher_logits, chunks, *mapping)
+
+    impls = {"unfused": unfused, "fused": lambda hidden, weight: fused_loss(hidden, weight, ht, Wt, chunks, *mapping)}
+    for n in block_rows:
+        impls[f"fused_b{n}"] = functools.partial(
+            lambda hidden, weight, n: fused_loss(hidden, weight, ht, Wt, chunks, *mapping, block_rows=n), n=n)
+    if with_liger:
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+        liger = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)  # beta = 0: forward KL, as kd_loss
+        impls["liger"] = lambda hidden, weight: liger(hidden, weight, ht, Wt)
+    return impls
+
+
+def _linear_fwd_bwd(fn, hidden: torch.Tensor, weight: torch.Tensor, last: dict) -> Callable[[], None]:
+    """One forward+backward of ``fn``; keeps the loss and the weight's gradient of the last call in ``last``."""
+
+    def run() -> None:
+        last.clear()
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        loss = fn(h, w)
+        loss.backward()
+        last.update(loss=float(loss.detach()), grad_weight=w.grad)
+
+    return run
+
+
+def _fused_linear_process(impl: str, loss: str, rows: int, dtype: str, shapes: dict, repeats: int,
+                          block_rows: tuple[int, ...] = ()) -> str:
+    """Runs in a fresh process on the CPU: the peak extra resident memory of the first forward+backward of
+    ``impl``, the times of ``repeats`` calls, the loss and the norm of the weight's gradient, as JSON."""
+    import json
+
+    case = _fused_linear_case(loss, rows, getattr(torch, dtype), torch.device("cpu"), shapes)
+    last: dict = {}
+    run = _linear_fwd_bwd(_fused_linear_impls(loss, case, False, block_rows)[impl], case[0], case[1], last)
+    times = []
+    peak = 0
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        if i == 0:
+            peak = peak_extra_bytes(run, torch.device("cpu"))
+        else:
+            run()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return json.dumps({"times": times, "peak": peak, "loss": last["loss"], "shape": _fused_linear_shape(case),
+                       "grad_norm": float(last["grad_weight"].double().norm())})
+
+
+def _fused_linear_shape(case) -> str:
+    hs, Ws, ht, Wt, chunks, _ = case
+    return (f"N_s={hs.shape[0]} N_t={ht.shape[0]} K={chunks.shape[0]} H_s={hs.shape[1]} H_t={ht.shape[1]} "
+            f"V_s={Ws.shape[0]} V_t={Wt.shape[0]}")
+
+
+def _in_subprocess(expression: str) -> str:
+    code = f"import sys, xtoken.benchmark as b; print({expression})"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _has_liger() -> bool:
+    try:
+        import liger_kernel.transformers.fused_linear_jsd  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _measure_fused_linear(loss: str, dtype: torch.dtype, dev: torch.device, rows: int, shapes: dict, repeats: int,
+                          warmup: int, block_rows: tuple[int, ...]) -> tuple[dict[str, Measurement], str, float]:
+    """Every implementation's Measurement on one case, its shape, and the size of the returned gradients (MB).
+    On the CPU each implementation runs in a fresh process (time and resident peak of the same calls); on a
+    GPU in this one. ``extra`` holds the agreement with the unfused path: loss and the norm of grad_weight
+    (the tests compare whole gradients)."""
+    import json
+
+    on_cpu = dev.type == "cpu"
+    case = None if on_cpu else _fused_linear_case(loss, rows, dtype, dev, shapes)
+    shape = None if on_cpu else _fused_linear_shape(case)
+    batch = max(1, rows // 512)
+    grads_mb = (batch * (rows // batch) * shapes["H_s"] + shapes["V_s"] * shapes["H_s"]) * dtype.itemsize / 2**20
+    names = ["unfused", "fused", *(f"fused_b{n}" for n in block_rows)]
+    names += ["liger"] if loss == "kd" and not on_cpu and _has_liger() else []
+    results, values = {}, {}
+    for name in names:
+        if on_cpu:
+            expression = (f"b._fused_linear_process({name!r}, {loss!r}, {rows}, {str(dtype)[6:]!r}, {shapes!r}, "
+                          f"{repeats}, {block_rows!r})")
+            out = json.loads(_in_subprocess(expression))
+            times, peak_mb, values[name] = out["times"], out["peak"] / 2**20, (out["loss"], out["grad_norm"])
+            shape = out["shape"]
+            q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+            m = Measurement(f"fused_linear_{loss}", name, str(dev), str(dtype)[6:], shape, statistics.median(times),
+                            q[0], q[3], peak_mb, repeats, {"loss": loss})
+        else:
+            last: dict = {}
+            fn = _fused_linear_impls(loss, case, name == "liger", block_rows)[name]
+            m = measure(f"fused_linear_{loss}", name, _linear_fwd_bwd(fn, case[0], case[1], last), device=dev,
+                        dtype=dtype, shape=shape, repeats=repeats, warmup=warmup, extra={"loss": loss})
+            values[name] = (last["loss"], float(last["grad_weight"].double().norm()))
+        # The fused path holds the gradients it returns from its start; the unfused path allocates them after it
+        # freed its logits and their gradient (its peak), so its peak holds none of them.
+        m.extra["beyond_grads_mb"] = f"{m.peak_extra_mb - (0 if name == 'unfused' else grads_mb):.0f}"
+        results[name] = m
+    for name, m in results.items():
+        (l, g), (l0, g0) = values[name], values["unfused"]
+        m.extra["rel_loss_vs_unfused"] = f"{abs(l - l0) / abs(l0):.1e}"
+        m.extra["rel_grad_norm_vs_unfused"] = f"{abs(g - g0) / g0:.1e}"
+    return results, shape, grads_mb
+
+
+def run_fused_linear_benchmark(*, device: str | None = None, csv_path: str | None = None,
+                               rows: int | None = None, dtypes: list[torch.dtype] | None = None,
+                               losses: list[str] | None = None, shapes: dict | None = None,
+                               repeats: int | None = None, warmup: int | None = None,
+                               block_rows: tuple[int, ...] = ()) -> list[Measurement]:
+    """Forward+backward time and peak extra memory of the fused linear losses against the unfused path
+    (``F.linear`` logits of both sides into the same loss), on the same inputs: on the CPU N = 2,048 student
+    rows, on a GPU N = 32,768 and, for same-vocabulary KD, Liger-Kernel's ``LigerFusedLinearJSD`` (beta = 0,
+    forward KL) when it is installed; ``block_rows`` adds fused runs with those block sizes. ``beyond_grads_mb``
+    is the peak beyond the gradients of the hidden states and the weight that the call returns: the fused path
+    holds them from its start (peak minus their size); the unfused path allocates them only after freeing its
+    logits and their gradient, so its peak holds none of them (its whole peak)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cpu = dev.type == "cpu"
+    shapes = {**FUSED_LINEAR_SHAPES, **(shapes or {})}
+    rows = rows or (2048 if on_cpu else 32_768)
+    dtypes = dtypes or ([torch.float32] if on_cpu else [torch.bfloat16])
+    losses = losses or (["pkl"] if on_cpu else ["pkl", "kd"])
+    repeats = repeats or (1 if on_cpu else 10)
+    warmup = 1 if warmup is None else warmup
+    results: list[Measurement] = []
+    print(f"fused linear losses, forward+backward on {_device_name(dev)}: N={rows}, {shapes}")
+    for loss in losses:
+        for dtype in dtypes:
+            measured, shape, grads_mb = _measure_fused_linear(loss, dtype, dev, rows, shapes, repeats, warmup,
+                                                              tuple(block_rows))
+            base = measured["unfused"]
+            print(f"{loss} {str(dtype)[6:]}: {shape}; returned gradients {grads_mb:.0f} MB")
+            print(f"{'impl':>8} {'median ms':>11} {'p20-p80 ms':>23} {'peak MB':>9} {'beyond grads MB':>16} "
+                  f"{'time / unfused':>15} {'memory / unfused':>17}")
+            for name, m in measured.items():
+                beyond, base_beyond = float(m.extra["beyond_grads_mb"]), float(base.extra["beyond_grads_mb"])
+                m.extra["time_vs_unfused"] = f"{m.median_ms / base.median_ms:.2f}"
+                m.extra["memory_vs_unfused"] = f"{beyond / base_beyond:.3f}"
+                print(f"{name:>8} {m.median_ms:>11.1f} {m.p20_ms:>11.1f}-{m.p80_ms:<11.1f} {m.peak_extra_mb:>9.0f} "
+                      f"{beyond:>16.0f} {m.median_ms / base.median_ms:>15.2f} {beyond / base_beyond:>17.3f}")
+                if name != "unfused":
+                    print(f"{'':>8} agreement with unfused: loss {m.extra['rel_loss_vs_unfused']}, "
+                          f"|grad_weight| {m.extra['rel_grad_norm_vs_unfused']} relative")
+            results += measured.values()
+            if csv_path:
+                append_csv(csv_path, list(measured.values()))
+    print("memory / unfused: peak memory beyond the inputs and the returned gradients, over the unfused path's")
+    if csv_path:
+        print(f"appended {len(results)} rows to {csv_path}")
+    return results

@@ -432,6 +432,10 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
         help="the dtype teachers run in (default: as saved)",
     )  # fmt: skip
     p.add_argument("--bf16", action="store_true", help="train the student in bf16 mixed precision")
+    p.add_argument(
+        "--fused-linear", action="store_true",
+        help="losses from hidden states and lm_head weights, block by block: no [batch, length, vocabulary] logits",
+    )  # fmt: skip
     p.add_argument("--train-on", default="assistant", choices=["assistant", "all"],
                    help="conversations: train on the assistant messages (default) or on everything")  # fmt: skip
     p.add_argument("--on-policy", type=float, default=0.0, metavar="LMBDA",
@@ -637,7 +641,7 @@ def _run_distill(args: argparse.Namespace) -> int:
     trainer = DistillationTrainer(
         student, training_args, teachers=teachers, student_tokenizer=student_tok, kd_scaling=kd_scaling,
         max_length=args.max_length, train_dataset=texts, train_on=args.train_on, on_policy=args.on_policy,
-        generation_config=generation,
+        generation_config=generation, fused_linear=args.fused_linear,
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=last if args.resume else None)
     trainer.save_model(str(output))

@@ -12,15 +12,16 @@ puts them into a ``transformers.Trainer``, and a hand-written training loop can 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import losses
+from . import fused_linear, losses
 from . import checks
 from .align import CHUNK_SHAPES, AlignStats, _max_length, _pad, align_spans, as_span_tokenizer, example_texts
 from .chat import (
@@ -48,6 +49,9 @@ __all__ = [
     "dynamic_scale",
     "prepare_teachers",
     "teacher_loss",
+    "fused_teacher_loss",
+    "linear_head",
+    "hidden_states_as_logits",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -59,10 +63,12 @@ class _LossEntry:
     """``mapping(projection, student_tokenizer, teacher_tokenizer, student_vocab_size)`` makes, once per
     teacher, what the loss reads besides logits and chunks (W, the common pairs, the piece tables, or
     nothing); ``function`` is the functional loss, called as
-    ``function(student_logits, teacher_logits, chunks[, mapping], **options)``."""
+    ``function(student_logits, teacher_logits, chunks[, mapping], **options)``, and ``fused`` its fused linear
+    form, ``fused(student_hidden, student_weight, teacher_hidden, teacher_weight, chunks[, mapping], **options)``."""
 
     function: Callable[..., torch.Tensor]
     mapping: Callable[..., Any]
+    fused: Callable[..., Any]
 
 
 def _projection(projection: Projection | None, *context: Any) -> Projection:
@@ -96,14 +102,26 @@ def _pkl_chain(student_logits, teacher_logits, chunks, mapping, **options) -> to
     return losses.pkl_chain_loss(student_logits, teacher_logits, chunks, *mapping, **options)
 
 
+def _fused_pkl_chain(student_hidden, student_weight, teacher_hidden, teacher_weight, chunks, mapping, **options):
+    return fused_linear.fused_linear_pkl_chain_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                                    chunks, *mapping, **options)
+
+
 _LOSSES: dict[str, _LossEntry] = {
-    "pkl": _LossEntry(losses.pkl_loss, _projection),  # X-Token projection KL through W
-    "hkl": _LossEntry(losses.hkl_loss, _pairs("relaxed")),  # X-Token hybrid on W's relaxed pairs
-    "gold": _LossEntry(losses.gold_loss, _pairs("exact")),  # GOLD: hybrid on exact string matches
-    "uld": _LossEntry(losses.uld_loss, _nothing),  # ULD: sorted L1 over the full vocabularies
-    "kd": _LossEntry(losses.kd_loss, _nothing),  # plain KD from a teacher with the student's tokenizer
-    "chain": _LossEntry(losses.chain_loss, _piece_tables),  # chain KL along the realized pieces
-    "pkl+chain": _LossEntry(_pkl_chain, _projection_and_pieces),  # P-KL on 1:1 chunks, chain KL on the rest
+    # X-Token projection KL through W
+    "pkl": _LossEntry(losses.pkl_loss, _projection, fused_linear.fused_linear_pkl_loss),
+    # X-Token hybrid on W's relaxed pairs
+    "hkl": _LossEntry(losses.hkl_loss, _pairs("relaxed"), fused_linear.fused_linear_hkl_loss),
+    # GOLD: hybrid on exact string matches
+    "gold": _LossEntry(losses.gold_loss, _pairs("exact"), fused_linear.fused_linear_gold_loss),
+    # ULD: sorted L1 over the full vocabularies
+    "uld": _LossEntry(losses.uld_loss, _nothing, fused_linear.fused_linear_uld_loss),
+    # plain KD from a teacher with the student's tokenizer
+    "kd": _LossEntry(losses.kd_loss, _nothing, fused_linear.fused_linear_kd_loss),
+    # chain KL along the realized pieces
+    "chain": _LossEntry(losses.chain_loss, _piece_tables, fused_linear.fused_linear_chain_loss),
+    # P-KL on 1:1 chunks, chain KL on the rest
+    "pkl+chain": _LossEntry(_pkl_chain, _projection_and_pieces, _fused_pkl_chain),
 }
 LOSS_NAMES = (*_LOSSES, "auto")
 """What a teacher's ``loss`` may be: a loss name, or ``"auto"`` (the coverage audit's recommendation for
@@ -281,6 +299,67 @@ def teacher_loss(
         temperature=teacher.temperature, merge=teacher.merge, reduction=reduction,
         student_targets=student_targets, teacher_targets=teacher_targets, **(teacher.options or {}),
     )  # fmt: skip
+
+
+def fused_teacher_loss(
+    prepared: PreparedTeacher,
+    student_hidden: torch.Tensor,
+    student_head: torch.nn.Linear,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.nn.Linear,
+    chunks: torch.Tensor,
+    *,
+    student_targets: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
+    ce_targets: torch.Tensor | None = None,
+    reduction: str = "sum",
+):
+    """:func:`teacher_loss` of the logits ``head(hidden)`` of both sides, without materializing them
+    (:mod:`xtoken.fused_linear`); with ``ce_targets``, ``(loss, ce_loss)``: the student's cross-entropy
+    computed on the same logits blocks."""
+    teacher = prepared.teacher
+    mapping = () if prepared.mapping is None else (prepared.mapping,)
+    return _LOSSES[prepared.loss].fused(
+        student_hidden, student_head.weight, teacher_hidden, teacher_head.weight, chunks, *mapping,
+        student_bias=student_head.bias, teacher_bias=teacher_head.bias, temperature=teacher.temperature,
+        merge=teacher.merge, reduction=reduction, student_targets=student_targets, teacher_targets=teacher_targets,
+        ce_targets=ce_targets, **(teacher.options or {}),
+    )  # fmt: skip
+
+
+# Config fields of Hugging Face models whose lm_head output is transformed before it becomes the logits
+# (soft-capping, scaling): the fused path, which computes head(hidden) itself, does not model them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def linear_head(model: torch.nn.Module) -> tuple[torch.nn.Linear | None, str]:
+    """The causal LM's lm_head when its logits are exactly ``lm_head(final hidden states)``, else ``None`` and
+    why not (no ``get_output_embeddings``, a head that is not an ``nn.Linear``, a logit soft-cap or scale)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return None, "its lm_head is not an nn.Linear that get_output_embeddings() returns"
+    config = getattr(model, "config", None)
+    for field in _LOGIT_TRANSFORMS:
+        value = getattr(config, field, None)
+        if value is not None and value != 1:
+            return None, f"its config sets {field}={value!r}, a transform of the logits the fused path does not model"
+    return head, ""
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+@contextlib.contextmanager
+def hidden_states_as_logits(head: torch.nn.Module) -> Iterator[None]:
+    """Within this context the lm_head returns its input, so the model's forward returns its final hidden states
+    as ``.logits`` (no ``[B, T, V]`` logits are computed). The model is still called through its own forward
+    (and any wrapper's, e.g. DDP), so hooks and autocast apply as usual."""
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,11 +14,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import losses, ops
+from . import fused_linear, losses, ops
 from .pieces import PieceTables
 from .projection import Projection
 
-__all__ = ["PKLLoss", "GOLDLoss", "HKLLoss", "ULDLoss", "KDLoss", "ChainLoss", "XTokenLoss", "LearnedProjection"]
+__all__ = [
+    "PKLLoss", "GOLDLoss", "HKLLoss", "ULDLoss", "KDLoss", "ChainLoss", "XTokenLoss", "LearnedProjection",
+    "FusedLinearPKLLoss", "FusedLinearGOLDLoss", "FusedLinearHKLLoss", "FusedLinearULDLoss", "FusedLinearKDLoss",
+    "FusedLinearChainLoss",
+]  # fmt: skip
 
 
 class LearnedProjection(nn.Module):
@@ -410,3 +414,122 @@ class XTokenLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused linear forms: hidden states and lm_head weights in, no [N, V] logits (xtoken.fused_linear).
+
+
+class _FusedLinear:
+    """What every fused linear module adds to its loss module: ``block_rows``, ``accum_dtype`` and the
+    arguments of the fused functions that the loss module does not hold."""
+
+    def _fused_setup(self, block_rows: int | None, accum_dtype: torch.dtype) -> None:
+        self.block_rows = block_rows
+        self.accum_dtype = accum_dtype
+
+    def _fused_kwargs(self, student_targets, teacher_targets, student_bias, teacher_bias, ce_targets) -> dict:
+        return dict(temperature=self.temperature, merge=self.merge, reduction=self.reduction,
+                    student_targets=student_targets, teacher_targets=teacher_targets, student_bias=student_bias,
+                    teacher_bias=teacher_bias, ce_targets=ce_targets, block_rows=self.block_rows,
+                    accum_dtype=self.accum_dtype)
+
+
+class FusedLinearPKLLoss(_FusedLinear, PKLLoss):
+    """Module form of :func:`xtoken.fused_linear_pkl_loss`: :class:`PKLLoss` on the logits of the hidden states
+    and lm_head weights given to ``forward``, computed block by block.
+
+    Example::
+
+        loss_fn = xtoken.nn.FusedLinearPKLLoss(projection).to("cuda")
+        loss, ce = loss_fn(student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, chunks,
+                           ce_targets=next_tokens)
+    """
+
+    def __init__(self, projection, *, temperature: float = 1.0, merge="first",
+                 reduction: str = "mean", block_rows: int | None = None,
+                 accum_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(projection, temperature=temperature, merge=merge, reduction=reduction)
+        self._fused_setup(block_rows, accum_dtype)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, chunks, student_targets=None,
+                teacher_targets=None, *, student_bias=None, teacher_bias=None, ce_targets=None):
+        return fused_linear.fused_linear_pkl_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, chunks, self.projection(),
+            **self._fused_kwargs(student_targets, teacher_targets, student_bias, teacher_bias, ce_targets),
+        )  # fmt: skip
+
+
+class _FusedLinearHybrid(_FusedLinear, _HybridLoss):
+    def __init__(self, pairs, *, block_rows: int | None = None, accum_dtype: torch.dtype = torch.float32,
+                 **options) -> None:
+        super().__init__(pairs, **options)
+        self._fused_setup(block_rows, accum_dtype)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, chunks, student_targets=None,
+                teacher_targets=None, *, student_bias=None, teacher_bias=None, ce_targets=None):
+        return fused_linear._fused_hybrid(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, chunks, self.pairs, matched=self.matched,
+            beta=self.beta, uld_topk=self.uld_topk, weights=self.weights,
+            **self._fused_kwargs(student_targets, teacher_targets, student_bias, teacher_bias, ce_targets),
+        )  # fmt: skip
+
+
+class FusedLinearGOLDLoss(_FusedLinearHybrid):
+    """Module form of :func:`xtoken.fused_linear_gold_loss` (options as :class:`GOLDLoss`, plus ``block_rows`` and
+    ``accum_dtype``)."""
+
+    _pair_kind = "exact"
+
+
+class FusedLinearHKLLoss(_FusedLinearHybrid):
+    """Module form of :func:`xtoken.fused_linear_hkl_loss` (options as :class:`HKLLoss`, plus ``block_rows`` and
+    ``accum_dtype``)."""
+
+    _pair_kind = "relaxed"
+
+
+class FusedLinearULDLoss(_FusedLinearHybrid):
+    """Module form of :func:`xtoken.fused_linear_uld_loss` (the hybrid loss with no pairs)."""
+
+    def __init__(self, *, temperature: float = 1.0, merge="first", uld_topk: int | None = 8192,
+                 reduction: str = "mean", block_rows: int | None = None,
+                 accum_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(torch.zeros(0, 2, dtype=torch.int32), temperature=temperature, merge=merge,
+                         uld_topk=uld_topk, weights=(0.0, 1.0), reduction=reduction, block_rows=block_rows,
+                         accum_dtype=accum_dtype)
+
+
+class FusedLinearKDLoss(_FusedLinear, KDLoss):
+    """Module form of :func:`xtoken.fused_linear_kd_loss` (same-vocabulary KD)."""
+
+    def __init__(self, *, temperature: float = 1.0, merge="first", reduction: str = "mean",
+                 block_rows: int | None = None, accum_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(temperature=temperature, merge=merge, reduction=reduction)
+        self._fused_setup(block_rows, accum_dtype)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, chunks, student_targets=None,
+                teacher_targets=None, *, student_bias=None, teacher_bias=None, ce_targets=None):
+        return fused_linear.fused_linear_kd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, chunks,
+            **self._fused_kwargs(student_targets, teacher_targets, student_bias, teacher_bias, ce_targets),
+        )  # fmt: skip
+
+
+class FusedLinearChainLoss(_FusedLinear, ChainLoss):
+    """Module form of :func:`xtoken.fused_linear_chain_loss` (options as :class:`ChainLoss`, plus ``block_rows``
+    and ``accum_dtype``); the targets are required."""
+
+    merge = "first"
+
+    def __init__(self, pieces: PieceTables, *, temperature: float = 1.0, reduction: str = "mean",
+                 block_rows: int | None = None, accum_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(pieces, temperature=temperature, reduction=reduction)
+        self._fused_setup(block_rows, accum_dtype)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, chunks, student_targets=None,
+                teacher_targets=None, *, student_bias=None, teacher_bias=None, ce_targets=None):
+        return fused_linear.fused_linear_chain_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, chunks, self.pieces(),
+            **self._fused_kwargs(student_targets, teacher_targets, student_bias, teacher_bias, ce_targets),
+        )  # fmt: skip

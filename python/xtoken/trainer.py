@@ -26,6 +26,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from . import ops
 from .distill import (
@@ -44,6 +46,9 @@ from .distill import (
     chunk_stats_summary,
     combine_ce_kd,
     dynamic_scale,
+    fused_teacher_loss,
+    hidden_states_as_logits,
+    linear_head,
     prepare_teachers,
     teacher_loss,
 )
@@ -80,6 +85,13 @@ class DistillationTrainer(Trainer):
         kd_scaling: ``"dynamic"`` or ``(w_ce, w_kd)``.
         max_length: tokens kept per text (or rendered conversation) on each side (special tokens included).
         text_key: the field of a dataset example that holds its text.
+        fused_linear: compute the losses from the final hidden states and the lm_head weights block by block
+            (:mod:`xtoken.fused_linear`), so that no ``[B, T, V]`` logits exist in training: the student and
+            each teacher run with their lm_head bypassed, and CE is fused into the first teacher's loss. A
+            teacher whose logits are not exactly ``lm_head(hidden)`` (no ``nn.Linear`` head, a logit soft-cap or
+            scale) keeps the logits path, with a warning; so does everything when the student is such a model,
+            when there is no teacher, or under FSDP / DeepSpeed ZeRO-3 (which shard the lm_head weight).
+            Evaluation computes logits as usual. ``ddp_find_unused_parameters`` defaults to False with it.
         train_dataset, eval_dataset: texts, or mappings (e.g. a ``datasets.Dataset``) with ``text_key``; or
             conversations: examples with ``"messages"`` (lists of ``{"role", "content"}``) or with ``"prompt"`` and
             ``"completion"``, which the student and each teacher render with their own chat templates
@@ -141,6 +153,7 @@ class DistillationTrainer(Trainer):
         on_policy: float = 0.0,
         generation_config: Any = None,
         generator: CompletionGenerator | None = None,
+        fused_linear: bool = False,
         **kwargs: Any,
     ) -> None:
         check_kd_scaling(kd_scaling)
@@ -156,6 +169,10 @@ class DistillationTrainer(Trainer):
             args = TrainingArguments(output_dir="xtoken_distill")
         _check_batching(args)
         args.remove_unused_columns = False
+        if fused_linear and args.ddp_find_unused_parameters is None:
+            # The lm_head weight gets its gradient from the loss, outside the forward that DDP searches for unused
+            # parameters (which would mark it ready twice).
+            args.ddp_find_unused_parameters = False
         self.kd_scaling = kd_scaling
         self.teachers: list[PreparedTeacher] = prepare_teachers(teachers, student_tokenizer, _logit_width(model))
         kwargs.setdefault(
@@ -187,6 +204,7 @@ class DistillationTrainer(Trainer):
                     "pass optimizer_cls_and_kwargs instead of optimizers=(...), or drop learn_projection"
                 )
             self.add_callback(_LearnedProjectionSteps(self))
+        self.fused_linear = self._setup_fused_linear(fused_linear)
         self._step_counts: torch.Tensor | None = None
         self._content_checked = False
         self._reset_log_sums()
@@ -256,20 +274,24 @@ class DistillationTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        logits = outputs.logits
-        labels = inputs["labels"]
-        ce_sum = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-            ignore_index=-100, reduction="sum",
-        )  # fmt: skip
         if len(inputs["teachers"]) != len(self.teachers):
             raise ValueError(
                 f"the batch aligns {len(inputs['teachers'])} teacher(s) but the trainer has {len(self.teachers)}; "
                 "a custom data_collator must produce DistillationCollator batches for the same teachers"
             )
         with ops.skip_content_checks(self._content_checked):  # checked once, then no host sync per step
-            kd_sums = [self._teacher_sum(p, logits, inputs, t) for p, t in zip(self.teachers, inputs["teachers"])]
+            if self.fused_linear and not return_outputs:
+                outputs = None
+                ce_sum, kd_sums = self._fused_sums(model, inputs)
+            else:
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                logits = outputs.logits
+                labels = inputs["labels"]
+                ce_sum = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                    ignore_index=-100, reduction="sum",
+                )  # fmt: skip
+                kd_sums = [self._teacher_sum(p, logits, inputs, t) for p, t in zip(self.teachers, inputs["teachers"])]
         self._content_checked = True
         local = torch.stack([ce_sum.detach().double(), *(k.detach().double() for k in kd_sums)])
         local_counts = self._local_counts(inputs).to(local.device)
@@ -321,6 +343,61 @@ class DistillationTrainer(Trainer):
             prepared, student_logits, teacher_logits, batch["chunks"],
             student_targets=inputs["student_targets"], teacher_targets=batch["teacher_targets"],
         )  # fmt: skip
+
+    # ------------------------------------------------------------------ fused linear losses
+    def _setup_fused_linear(self, requested: bool) -> bool:
+        """Whether the fused path runs; keeps the student's and each teacher's lm_head (None: logits path)."""
+        if not requested:
+            return False
+        reason = ""
+        if not self.teachers:
+            reason = "there is no teacher (CE alone is computed from the logits)"
+        elif self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            reason = "FSDP and DeepSpeed ZeRO-3 shard the lm_head weight, which the fused path reads outside the forward"
+        else:
+            self._student_head, why = linear_head(self.model)
+            reason = f"the student cannot be fused: {why}" if self._student_head is None else ""
+        if not reason:
+            self._teacher_heads = []
+            for prepared in self.teachers:
+                head, why = linear_head(prepared.teacher.model)
+                if head is None:
+                    warnings.warn(f"fused_linear=True: teacher {prepared.name!r} keeps the logits path ({why}); the "
+                                  "student's logits are computed in full for its loss", stacklevel=3)
+                self._teacher_heads.append(head)
+            if all(head is None for head in self._teacher_heads):
+                reason = "no teacher can be fused"
+        if reason:
+            warnings.warn(f"fused_linear=True falls back to the logits path: {reason}", stacklevel=3)
+        return not reason
+
+    def _fused_sums(self, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The CE sum and each teacher's KD sum from final hidden states and lm_head weights (no [B, T, V] logits
+        but the student's for a teacher on the logits path). CE shares the first fused teacher's logits blocks."""
+        head = self._student_head
+        with hidden_states_as_logits(head):
+            hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        hidden = hidden.to(head.weight.dtype)  # a model that upcasts its logits returns upcast hidden states
+        ce_targets = F.pad(inputs["labels"][:, 1:], (0, 1), value=-100)
+        ce_sum, student_logits, kd_sums = None, None, []
+        for prepared, batch, teacher_head in zip(self.teachers, inputs["teachers"], self._teacher_heads):
+            if teacher_head is None:
+                student_logits = head(hidden) if student_logits is None else student_logits
+                kd_sums.append(self._teacher_sum(prepared, student_logits, inputs, batch))
+                continue
+            with torch.no_grad(), hidden_states_as_logits(teacher_head):
+                teacher_hidden = prepared.teacher.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits.to(teacher_head.weight.dtype)
+            out = fused_teacher_loss(
+                prepared, hidden, head, teacher_hidden, teacher_head, batch["chunks"],
+                student_targets=inputs["student_targets"], teacher_targets=batch["teacher_targets"],
+                ce_targets=ce_targets if ce_sum is None else None,
+            )  # fmt: skip
+            if ce_sum is None:
+                out, ce_sum = out
+            kd_sums.append(out)
+        return ce_sum, kd_sums
 
     # ------------------------------------------------------------------ learned W
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
