@@ -32,15 +32,15 @@ template <typename T, typename A>
 void log_sum_probs(A* out, const Side<T>& side, int32_t r0, int32_t r1) {
   const int64_t V = side.V;
   const T* z0 = side.row(r0);
-  const A L0 = side.lse[r0];
+  const RowLse<A> L0 = side.lse[r0];
 #pragma omp simd
-  for (int64_t v = 0; v < V; ++v) out[v] = cpu_math::load<A>(z0[v]) * side.inv_tau - L0;
+  for (int64_t v = 0; v < V; ++v) out[v] = L0.log_prob(cpu_math::load<A>(z0[v]), side.inv_tau);
   for (int32_t r = r0 + 1; r < r1; ++r) {
     const T* z = side.row(r);
-    const A L = side.lse[r];
+    const RowLse<A> L = side.lse[r];
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
-      const A x = cpu_math::load<A>(z[v]) * side.inv_tau - L;
+      const A x = L.log_prob(cpu_math::load<A>(z[v]), side.inv_tau);
       const A hi = x > out[v] ? x : out[v], lo = x > out[v] ? out[v] : x;
       const A sum = hi + cpu_math::log(A(1) + cpu_math::exp(lo - hi));
       out[v] = hi == -std::numeric_limits<A>::infinity() ? hi : sum;
@@ -48,11 +48,11 @@ void log_sum_probs(A* out, const Side<T>& side, int32_t r0, int32_t r1) {
   }
 }
 
-// dz[v] = scale * (exp(a[v] - L) * S - q[v])
+// dz[v] = scale * (p[v] S - q[v])
 template <typename T, typename A>
-void write_kd_grad(T* dz, const T* z, int64_t V, A inv_tau, A L, A S, const A* q, A scale) {
+void write_kd_grad(T* dz, const T* z, int64_t V, A inv_tau, RowLse<A> L, A S, const A* q, A scale) {
 #pragma omp simd
-  for (int64_t v = 0; v < V; ++v) dz[v] = cpu_math::store<T>(scale * (cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - L) * S - q[v]));
+  for (int64_t v = 0; v < V; ++v) dz[v] = cpu_math::store<T>(scale * (cpu_math::exp(L.log_prob(cpu_math::load<A>(z[v]), inv_tau)) * S - q[v]));
 }
 
 template <typename T>
@@ -133,17 +133,17 @@ struct KdCpu {
         log_sum_probs(log_sum, student, c.s0, c.s1);
         for (int32_t r = c.s0; r < c.s1; ++r) {
           const T* z = student.row(r);
-          const A L = student.lse[r];
+          const RowLse<A> L = student.lse[r];
 #pragma omp simd
           for (int64_t v = 0; v < V; ++v) {
-            const A x = cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - L - log_sum[v]);
+            const A x = cpu_math::exp(L.log_prob(cpu_math::load<A>(z[v]), inv_tau) - log_sum[v]);
             rho[v] = x == x ? x : A(0);  // every row's p underflowed at v: no term, no gradient
           }
           const A D = dot(pt, rho, V);
           T* out = dz + r * V;
 #pragma omp simd
           for (int64_t v = 0; v < V; ++v) {
-            out[v] = cpu_math::store<T>(G * inv_tau * (cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - L) * D - pt[v] * rho[v]));
+            out[v] = cpu_math::store<T>(G * inv_tau * (cpu_math::exp(L.log_prob(cpu_math::load<A>(z[v]), inv_tau)) * D - pt[v] * rho[v]));
           }
         }
         break;

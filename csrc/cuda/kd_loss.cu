@@ -85,19 +85,19 @@ __global__ void __launch_bounds__(kThreads) kd_bwd_kernel(LossParams p, Side<T, 
   if (student.merge == Merge::Mean) {
     const int32_t m = c.s1 - c.s0;
     const T* z0 = student.row(c.s0);
-    const A* lse0 = student.lse + c.s0;
+    const RowLse<A>* lse0 = student.lse + c.s0;
     for (int32_t r = c.s0; r < c.s1; ++r) {
       const T* z = student.row(r);
-      const A L = student.lse[r];
+      const RowLse<A> L = student.lse[r];
       A d_row = 0;  // D_r = sum_v p_t[v] rho_r[v]
       for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-        const A rho = dexp(static_cast<A>(z[v]) * inv_tau - L - log_sum_probs(z0, V, inv_tau, lse0, m, v));
+        const A rho = dexp(L.log_prob(static_cast<A>(z[v]), inv_tau) - log_sum_probs(z0, V, inv_tau, lse0, m, v));
         d_row += rho == rho ? p_t(v) * rho : A(0);
       }
       d_row = block_sum(d_row, scratch);
       T* out = dz + r * V;
       for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-        const A a = static_cast<A>(z[v]) * inv_tau - L;
+        const A a = L.log_prob(static_cast<A>(z[v]), inv_tau);
         const A rho = dexp(a - log_sum_probs(z0, V, inv_tau, lse0, m, v));
         out[v] = static_cast<T>(scale * (dexp(a) * d_row - (rho == rho ? p_t(v) * rho : A(0))));
       }
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) kd_bwd_kernel(LossParams p, Side<T, 
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
       const A ptv = p_t(v);
       for (int32_t r = c.s0; r < c.s1; ++r) {
-        const A pr = dexp(static_cast<A>(student.row(r)[v]) * inv_tau - student.lse[r]);
+        const A pr = dexp(student.lse[r].log_prob(static_cast<A>(student.row(r)[v]), inv_tau));
         dz[r * V + v] = static_cast<T>(scale_m * (pr * S - ptv));
       }
     }
@@ -117,10 +117,10 @@ __global__ void __launch_bounds__(kThreads) kd_bwd_kernel(LossParams p, Side<T, 
   }
   const int32_t last = student.pooled_row(c.s0, c.s1);
   const T* z = student.row(last);
-  const A L = student.lse[last];
+  const RowLse<A> L = student.lse[last];
   T* out = dz + last * V;
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-    out[v] = static_cast<T>(scale * (dexp(static_cast<A>(z[v]) * inv_tau - L) * S - p_t(v)));
+    out[v] = static_cast<T>(scale * (dexp(L.log_prob(static_cast<A>(z[v]), inv_tau)) * S - p_t(v)));
   }
   if (student.merge == Merge::First) {
     zero_rows(dz, V, c.s0 + 1, c.s1);
@@ -128,11 +128,11 @@ __global__ void __launch_bounds__(kThreads) kd_bwd_kernel(LossParams p, Side<T, 
   }
   for (int32_t r = c.s0; r < last; ++r) {  // bayes prefix rows: G S (p_r - onehot(x_r)) / tau
     const T* zr = student.row(r);
-    const A Lr = student.lse[r];
+    const RowLse<A> Lr = student.lse[r];
     const int64_t x = p.student_targets[r];
     T* o = dz + r * V;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-      o[v] = static_cast<T>(scale * S * (dexp(static_cast<A>(zr[v]) * inv_tau - Lr) - (v == x ? A(1) : A(0))));
+      o[v] = static_cast<T>(scale * S * (dexp(Lr.log_prob(static_cast<A>(zr[v]), inv_tau)) - (v == x ? A(1) : A(0))));
     }
   }
 }
