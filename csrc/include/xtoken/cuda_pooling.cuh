@@ -142,9 +142,9 @@ struct Side {
     return log_c;
   }
 
-  // The pooled rows of a chunk (call after the lse values are written).
+  // The pooled rows of a chunk (call after the lse values are written). One row pools to itself whatever the merge.
   __device__ Pooled<T, A> pooled(int32_t r0, int32_t r1) const {
-    if (merge == Merge::Mean || merge == Merge::LogMean) {
+    if ((merge == Merge::Mean || merge == Merge::LogMean) && r1 - r0 > 1) {
       return {row(r0), V, inv_tau, RowLse<A>{A(0), A(0)}, lse + r0, r1 - r0, merge == Merge::LogMean};
     }
     const int32_t r = pooled_row(r0, r1);
