@@ -107,7 +107,8 @@ TORCH_LIBRARY(xtoken, m) {
       "Tensor proj_col_val) -> Tensor");
 
   // P-KL per chunk (SPEC.md §4), unreduced and without the tau^2 factor. Also returns the
-  // logsumexp of every row the pooling reads (0 elsewhere), which the backward reuses. Every loss pools each
+  // logsumexp of every row the pooling reads as [N, 2] (max logit, log-sum: RowLse in common.h; 0
+  // elsewhere), which the backward reuses. Every loss pools each
   // side of a chunk by its own merge ('first', 'mean', 'bayes' or 'logmean', SPEC.md §3). W's weights
   // (proj_val, proj_col_val) are float32 or float64. The backward returns the student gradient and, when
   // proj_val_grad, the gradient in W's values on its support ([V_s, P], proj_val's dtype; empty otherwise).

@@ -57,9 +57,10 @@ LOSSES = {
 
 
 def loss_and_grad(name, zs, zt, chunks, W, **options):
-    """The fused loss and its gradient in the student logits (incoming gradient 2), both on the CPU."""
+    """The fused loss and its gradient in the student logits (incoming gradient 2), both on the CPU. ``name`` is
+    a key of LOSSES or "chain"."""
     z = zs.detach().clone().requires_grad_()
-    loss = LOSSES[name][0](z, zt, chunks, W, **options)
+    loss = (CHAIN if name == "chain" else LOSSES[name])[0](z, zt, chunks, W, **options)
     (2.0 * loss.sum()).backward()
     return loss.detach().cpu(), z.grad.cpu()
 
@@ -67,6 +68,29 @@ def loss_and_grad(name, zs, zt, chunks, W, **options):
 def reference_loss_and_grad(name, zs, zt, chunks, W, **options):
     """The float64 reference's loss and gradient on the same inputs."""
     z = zs.detach().cpu().double().requires_grad_()
-    loss = LOSSES[name][1](z, zt.detach().cpu().double(), chunks.cpu(), W, **options)
+    loss = (CHAIN if name == "chain" else LOSSES[name])[1](z, zt.detach().cpu().double(), chunks.cpu(), W, **options)
     (2.0 * loss.sum()).backward()
     return loss.detach(), z.grad
+
+
+# The chain KL (not in LOSSES: it needs piece tables and realized pieces, and pools no rows). The tables spell
+# tokens in a small alphabet of pieces (0..4), so the realized pieces (targets % 5) reach the deeper levels.
+def chain_tables() -> xtoken.PieceTables:
+    g = torch.Generator().manual_seed(11)
+
+    def table(V, L=3):
+        t = torch.randint(0, 5, (V, L), generator=g, dtype=torch.int32)
+        t[torch.arange(L)[None, :] >= torch.randint(1, L + 1, (V,), generator=g)[:, None]] = -1
+        return t
+
+    return xtoken.PieceTables(table(V_S), table(V_T))
+
+
+CHAIN = (
+    lambda zs, zt, c, W, **kw: xtoken.chain_loss(zs, zt, c, chain_tables(), **kw),
+    lambda zs, zt, c, W, **kw: reference.chain_loss(zs, zt, c, chain_tables().student, chain_tables().teacher, **kw),
+)
+
+
+def chain_targets(ts, tt):
+    return dict(student_targets=ts % 5, teacher_targets=tt % 5)

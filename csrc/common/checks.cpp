@@ -67,6 +67,12 @@ void check_projection_layout(const at::Tensor& idx, const at::Tensor& val, const
 void check_temperature(double temperature) {
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0,
               "temperature: expected a finite value > 0, got ", temperature);
+  // The bounds of xtoken.checks.TEMPERATURE_RANGE, whose TEMPERATURE_WHY says why in full.
+  constexpr double kLowest = 1e-10, kHighest = 10.0;
+  TORCH_CHECK(temperature >= kLowest && temperature <= kHighest, "temperature: ", temperature, " is outside [", kLowest,
+              ", ", kHighest, "], the range the float32 kernels compute exactly: above it float32 rounding of the ",
+              "probabilities, multiplied by tau^2, decides the loss of a student close to its teacher; below it tau^2 ",
+              "nears float32's underflow");
 }
 
 Merge parse_merge(c10::string_view merge, const char* name) {

@@ -68,8 +68,8 @@ LossParams LossInputs::params() const {
 
 ForwardOutputs allocate_forward(const LossInputs& in, at::IntArrayRef loss_shape, LossParams& p) {
   const auto acc = in.student_logits.options().dtype(accumulate_type(in.student_logits.scalar_type()));
-  ForwardOutputs out{at::empty(loss_shape, acc), at::zeros({in.student_logits.size(0)}, acc),
-                     at::zeros({in.teacher_logits.size(0)}, acc)};
+  ForwardOutputs out{at::empty(loss_shape, acc), at::zeros({in.student_logits.size(0), 2}, acc),
+                     at::zeros({in.teacher_logits.size(0), 2}, acc)};
   p.losses = out.losses.data_ptr();
   p.student_lse = out.student_lse.data_ptr();
   p.teacher_lse = out.teacher_lse.data_ptr();
@@ -81,9 +81,9 @@ BackwardTensors bind_backward(const at::Tensor& grad_losses, const at::Tensor& s
                               const char* op, LossParams& p) {
   TORCH_CHECK(grad_losses.sizes() == loss_shape, "grad_losses: expected shape ", loss_shape, ", got ",
               grad_losses.sizes());
-  TORCH_CHECK(student_lse.dim() == 1 && student_lse.size(0) == in.student_logits.size(0) && teacher_lse.dim() == 1 &&
-                  teacher_lse.size(0) == in.teacher_logits.size(0),
-              "student_lse/teacher_lse: expected the [N_s] and [N_t] tensors saved by ", op, ", got ",
+  TORCH_CHECK(student_lse.sizes() == at::IntArrayRef({in.student_logits.size(0), 2}) &&
+                  teacher_lse.sizes() == at::IntArrayRef({in.teacher_logits.size(0), 2}),
+              "student_lse/teacher_lse: expected the [N_s, 2] and [N_t, 2] tensors saved by ", op, ", got ",
               student_lse.sizes(), " and ", teacher_lse.sizes());
   check_same_device(in.student_logits, "student_logits", grad_losses, "grad_losses");
   check_same_device(in.student_logits, "student_logits", student_lse, "student_lse");

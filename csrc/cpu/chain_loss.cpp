@@ -38,16 +38,16 @@ struct ChainCpu {
   const T* zs;
   const T* zt;
   A inv_tau;
-  A* lse_s;
-  A* lse_t;
+  RowLse<A>* lse_s;
+  RowLse<A>* lse_t;
 
   explicit ChainCpu(const ChainParams& params)
       : p(params),
         zs(static_cast<const T*>(p.student_logits)),
         zt(static_cast<const T*>(p.teacher_logits)),
         inv_tau(static_cast<A>(p.inv_tau)),
-        lse_s(static_cast<A*>(p.student_lse)),
-        lse_t(static_cast<A*>(p.teacher_lse)) {}
+        lse_s(static_cast<RowLse<A>*>(p.student_lse)),
+        lse_t(static_cast<RowLse<A>*>(p.teacher_lse)) {}
 
   struct Run {
     int32_t piece;  // -1: the tokens that end here
@@ -75,7 +75,7 @@ struct ChainCpu {
     return lv.teacher_side ? zt + int64_t(lv.plain_row) * p.V_t : zs + int64_t(lv.plain_row) * p.V_s;
   }
   int64_t plain_width(const ChainLevel& lv) const { return lv.teacher_side ? p.V_t : p.V_s; }
-  A& plain_lse(const ChainLevel& lv) const { return lv.teacher_side ? lse_t[lv.plain_row] : lse_s[lv.plain_row]; }
+  RowLse<A>& plain_lse(const ChainLevel& lv) const { return lv.teacher_side ? lse_t[lv.plain_row] : lse_s[lv.plain_row]; }
 
   // The level's KL. Fills w.runs (with r per run) and w.flags (cleared by clear_flags), and returns the max
   // shift, the log of the range's total and R through the out-parameters, for the backward.
@@ -93,7 +93,7 @@ struct ChainCpu {
     for (int64_t r = lv.lo; r < lv.hi; ++r) {
       const int32_t piece = tab.pieces[r * tab.L + lv.depth];
       if (w.runs.empty() || w.runs.back().piece != piece) w.runs.push_back({piece, r, r, 0.0, A(0)});
-      const A e = cpu_math::exp((cpu_math::load<A>(zc[tab.order[r]]) - mx) * inv_tau);
+      const A e = cpu_math::exp(scaled_shift(cpu_math::load<A>(zc[tab.order[r]]), mx, inv_tau));
       w.runs.back().end = r + 1;
       w.runs.back().sum += e;
       total += e;
@@ -102,13 +102,13 @@ struct ChainCpu {
     log_total = total > 0 ? static_cast<A>(std::log(total)) : A(0);
     const T* zp = plain_row(lv);
     const int64_t V_p = plain_width(lv);
-    const A L = plain_lse(lv);
+    const RowLse<A> L = plain_lse(lv);
     for (const Run& run : w.runs) {
       if (run.piece >= 0) w.flags[run.piece] = 1;
     }
     const uint8_t* flags = w.flags.data();
     const A end_mass = blocked_sum<A>(V_p, [&](int64_t u) {
-      const A e = cpu_math::exp(cpu_math::load<A>(zp[u]) * inv_tau - L);
+      const A e = cpu_math::exp(L.log_prob(cpu_math::load<A>(zp[u]), inv_tau));
       return flags[u] ? A(0) : e;
     });
     const A log_plain_end = end_mass > 0 ? static_cast<A>(std::log(end_mass)) : -std::numeric_limits<A>::infinity();
@@ -132,7 +132,7 @@ struct ChainCpu {
         bucket(log_cond, log_plain_end, run.r);
         r_end = run.r;
       } else {
-        bucket(log_cond, cpu_math::load<A>(zp[run.piece]) * inv_tau - L, run.r);
+        bucket(log_cond, L.log_prob(cpu_math::load<A>(zp[run.piece]), inv_tau), run.r);
       }
     }
     if (!has_end_run) bucket(-std::numeric_limits<A>::infinity(), log_plain_end, r_end);
@@ -147,7 +147,7 @@ struct ChainCpu {
 
   // Saves the LSE of every plain row the chunk's levels read (the conditioned rows need none).
   void save_plain_lse(const ChainLevel& lv) const {
-    A& L = plain_lse(lv);
+    RowLse<A>& L = plain_lse(lv);
     L = row_lse(plain_row(lv), plain_width(lv), inv_tau);
   }
 
@@ -179,7 +179,7 @@ struct ChainCpu {
         for (const Run& run : w.runs) {
           for (int64_t r = run.begin; r < run.end; ++r) {
             const int32_t v = tab.order[r];
-            const A pi = cpu_math::exp((cpu_math::load<A>(zc[v]) - shift) * inv_tau - log_total);
+            const A pi = cpu_math::exp(scaled_shift(cpu_math::load<A>(zc[v]), shift, inv_tau) - log_total);
             const A g = scale * pi * (R - run.r);
             w.g[v] = lv.depth == 0 ? g : w.g[v] + g;
           }
@@ -190,13 +190,13 @@ struct ChainCpu {
           if (run.piece >= 0) w.r_of[run.piece] = run.r;
         }
         const T* zp = plain_row(lv);
-        const A L = plain_lse(lv);
+        const RowLse<A> L = plain_lse(lv);
         const uint8_t* flags = w.flags.data();
         const A* r_of = w.r_of.data();
         T* row = dz + int64_t(lv.plain_row) * p.V_s;
 #pragma omp simd
         for (int64_t u = 0; u < p.V_s; ++u) {
-          const A pu = cpu_math::exp(cpu_math::load<A>(zp[u]) * inv_tau - L);
+          const A pu = cpu_math::exp(L.log_prob(cpu_math::load<A>(zp[u]), inv_tau));
           row[u] = cpu_math::store<T>(scale * pu * (R - (flags[u] ? r_of[u] : r_end)));
         }
         next_row = lv.plain_row + 1;

@@ -48,9 +48,9 @@ A kl_terms(const A* p, const A* q, int64_t V, const LogP& log_p) {
 
 // In place: q[t] <- -G p[t] / (q[t] + eps), p from the logit row (first, bayes) ...
 template <typename T, typename A>
-void grad_q_from_logits(A* q, const T* z, int64_t V, A inv_tau, A shift, A G) {
+void grad_q_from_logits(A* q, const T* z, int64_t V, A inv_tau, RowLse<A> lse, A G) {
 #pragma omp simd
-  for (int64_t t = 0; t < V; ++t) q[t] = -G * cpu_math::exp(cpu_math::load<A>(z[t]) * inv_tau - shift) / (q[t] + A(kPklEps));
+  for (int64_t t = 0; t < V; ++t) q[t] = -G * cpu_math::exp(lse.log_prob(cpu_math::load<A>(z[t]), inv_tau)) / (q[t] + A(kPklEps));
 }
 
 // ... or from probabilities (mean, logmean).
@@ -104,7 +104,7 @@ struct PklCpu {
     const A log_c_t = teacher.log_prefix(c.t0, c.t1);
     if (teacher.single_row()) {
       const int32_t r = teacher.pooled_row(c.t0, c.t1);
-      grad_q_from_logits(g, teacher.row(r), p.V_t, teacher.inv_tau, teacher.lse[r] - log_c_t, G);
+      grad_q_from_logits(g, teacher.row(r), p.V_t, teacher.inv_tau, teacher.lse[r].times(log_c_t), G);
     } else {
       teacher.pool_probs(w.pt.data(), c.t0, c.t1, log_c_t);
       grad_q_from_probs(g, w.pt.data(), p.V_t, G);

@@ -80,8 +80,8 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainParams p, ChainWor
   __shared__ A shared_r_end;
   const T* zs = static_cast<const T*>(p.student_logits);
   const T* zt = static_cast<const T*>(p.teacher_logits);
-  A* lse_s = static_cast<A*>(p.student_lse);
-  A* lse_t = static_cast<A*>(p.teacher_lse);
+  RowLse<A>* lse_s = static_cast<RowLse<A>*>(p.student_lse);
+  RowLse<A>* lse_t = static_cast<RowLse<A>*>(p.teacher_lse);
   T* dz = static_cast<T*>(p.grad_student);
   const A inv_tau = static_cast<A>(p.inv_tau);
   A* run = ws.run + blockIdx.x * ws.vmax;
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainParams p, ChainWor
       const T* zc = lv.teacher_side ? zs + lv.cond_row * p.V_s : zt + lv.cond_row * p.V_t;
       const T* zp = lv.teacher_side ? zt + lv.plain_row * p.V_t : zs + lv.plain_row * p.V_s;
       const int64_t V_p = lv.teacher_side ? p.V_t : p.V_s;
-      A* lse_p = lv.teacher_side ? lse_t + lv.plain_row : lse_s + lv.plain_row;
+      RowLse<A>* lse_p = lv.teacher_side ? lse_t + lv.plain_row : lse_s + lv.plain_row;
       const int64_t V_c = lv.teacher_side ? p.V_s : p.V_t;
       const int64_t L = tab.L, d = lv.depth;
       // Pieces and order entries are range-checked on the host, except under CUDA-graph capture: out-of-range
@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainParams p, ChainWor
         if (!run_start(r)) continue;
         const int32_t piece = piece_at(r);
         A s = 0;
-        for (int64_t e = r; e < lv.hi && piece_at(e) == piece; ++e) s += dexp((cond_logit(e) - mx) * inv_tau);
+        for (int64_t e = r; e < lv.hi && piece_at(e) == piece; ++e) s += dexp(scaled_shift(cond_logit(e), mx, inv_tau));
         run[r] = piece == -2 ? nan_value<A>() : s;
         local += run[r];
         if (piece >= 0) flags[piece] = 1;
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainParams p, ChainWor
       const A total = block_sum(local, scratch);  // also publishes run[] and flags[]
       const A log_total = total > A(0) ? dlog(total) : A(0);
 
-      A L_p;
+      RowLse<A> L_p;
       if (kBackward) {
         L_p = *lse_p;
       } else {
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainParams p, ChainWor
       }
       local = 0;
       for (int64_t u = tid; u < V_p; u += step) {
-        if (!flags[u]) local += dexp(static_cast<A>(zp[u]) * inv_tau - L_p);
+        if (!flags[u]) local += dexp(L_p.log_prob(static_cast<A>(zp[u]), inv_tau));
       }
       const A end_mass = block_sum(local, scratch);
       const A log_plain_end = end_mass > A(0) ? dlog(end_mass) : A(-INFINITY);
@@ -163,7 +163,8 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainParams p, ChainWor
         if (!run_start(r)) continue;
         const int32_t piece = piece_at(r);
         const A log_cond = dlog(run[r]) - log_total;
-        const A log_plain = piece >= 0 ? static_cast<A>(zp[piece]) * inv_tau - L_p : (piece == -1 ? log_plain_end : nan_value<A>());
+        const A log_plain = piece >= 0 ? L_p.log_prob(static_cast<A>(zp[piece]), inv_tau)
+                                        : (piece == -1 ? log_plain_end : nan_value<A>());
         A rc;
         loss_local += bucket_term(lv.teacher_side, log_cond, log_plain, rc, R_local);
         run[r] = rc;
@@ -187,7 +188,7 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainParams p, ChainWor
             for (int64_t e = r; e < lv.hi && piece_at(e) == piece; ++e) {
               const int32_t v = tab.order[e];
               if (v < 0 || v >= V_c) continue;
-              const A gv = scale * dexp((cond_logit(e) - mx) * inv_tau - log_total) * h;
+              const A gv = scale * dexp(scaled_shift(cond_logit(e), mx, inv_tau) - log_total) * h;
               g[v] = d == 0 ? gv : g[v] + gv;
             }
           }
@@ -196,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainParams p, ChainWor
           const A r_end = shared_r_end;
           T* out = dz + lv.plain_row * p.V_s;
           for (int64_t u = tid; u < p.V_s; u += step) {
-            const A pu = dexp(static_cast<A>(zp[u]) * inv_tau - L_p);
+            const A pu = dexp(L_p.log_prob(static_cast<A>(zp[u]), inv_tau));
             out[u] = static_cast<T>(scale * pu * (R - (flags[u] ? r_of[u] : r_end)));
           }
           next_row = lv.plain_row + 1;

@@ -15,14 +15,23 @@ import numpy as np
 import torch
 
 __all__ = [
-    "TEMPERATURE_RANGE", "INT32_MAX", "real", "count", "temperature", "index_table", "int32_index", "targets",
+    "TEMPERATURE_RANGE", "TEMPERATURE_WHY", "INT32_MAX", "real", "count", "temperature", "index_table", "int32_index",
+    "targets",
     "logit_rows", "same_device", "texts",
 ]  # fmt: skip
 
 INT32_MAX = 2**31 - 1
 
-# The temperatures the kernels compute exactly in float32 (see temperature()).
-TEMPERATURE_RANGE = (1e-4, 1e4)
+# The temperatures the float32 kernels compute exactly; the kernels' host check (csrc/common/checks.cpp) holds the
+# same bounds. See temperature().
+TEMPERATURE_RANGE = (1e-10, 10.0)
+TEMPERATURE_WHY = (
+    "above it the pooled distributions of a student and its teacher nearly agree and their divergence shrinks like "
+    "1/tau^2 while the loss multiplies it by tau^2: float32 rounding of the probabilities (1e-7) then decides the "
+    "mean/logmean KD, P-KL and ULD losses and the order of the sorted-L1 ranks (KD off by 3e-5 at tau = 30, ULD's "
+    "gradient meaningless at 100); below it tau^2, which scales every loss, nears float32's underflow and 1/tau "
+    "scales log-probabilities past float32's range for logit gaps above 3e28"
+)
 
 
 def _type_name(value) -> str:
@@ -64,17 +73,14 @@ def count(value, name: str, *, minimum: int = 0, maximum: int | None = None) -> 
 
 
 def temperature(value, name: str = "temperature") -> float:
-    """tau as a float in :data:`TEMPERATURE_RANGE`. Outside it the float32 kernels cannot be exact: below
-    1e-4, z / tau of ordinary logits leaves float32's exponent range and the softmax degenerates to a
-    one-hot; above 1e4, p_s and p_t agree to float32's 1e-7, so the KL is lost to cancellation and then
-    multiplied by tau^2 = 1e8 (the float64 reference stays exact where these do not)."""
+    """tau as a float in :data:`TEMPERATURE_RANGE`, the range in which every loss matches the float64 reference
+    to float32 precision (:data:`TEMPERATURE_WHY` says why not beyond it)."""
     tau = real(value, name, positive=True)
     low, high = TEMPERATURE_RANGE
     if not low <= tau <= high:
         raise ValueError(
-            f"{name}: {tau:g} is outside [{low:g}, {high:g}], the range the float32 kernels compute exactly "
-            "(a smaller tau makes z / tau overflow float32 for ordinary logits; a larger one loses the loss to "
-            "float32 cancellation, then multiplies it by tau^2)"
+            f"{name}: {tau:g} is outside [{low:g}, {high:g}], the range the float32 kernels compute exactly: "
+            + TEMPERATURE_WHY
         )
     return tau
 

@@ -124,8 +124,8 @@ def _chunk_loss_fakes(student_logits, teacher_logits, loss_shape):
     acc = _accumulate_dtype(student_logits.dtype)
     return (
         student_logits.new_empty(loss_shape, dtype=acc),
-        student_logits.new_empty((student_logits.shape[0],), dtype=acc),
-        teacher_logits.new_empty((teacher_logits.shape[0],), dtype=acc),
+        student_logits.new_empty((student_logits.shape[0], 2), dtype=acc),
+        teacher_logits.new_empty((teacher_logits.shape[0], 2), dtype=acc),
     )
 
 

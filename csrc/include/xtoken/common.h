@@ -1,6 +1,7 @@
 // Definitions shared by the host code, the CPU kernels and the CUDA kernels.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -13,6 +14,33 @@ namespace xtoken {
 
 // SPEC.md §4: the P-KL floor inside the log, log(q + eps).
 constexpr double kPklEps = 1e-10;
+
+// (z - m) / tau, for a logit z and its row's largest m (or any two logits): the shift comes before the scaling,
+// so z / tau is never formed (it overflows for |z| ~ 3e38 and tau < 1) and the largest logit gets exactly 0
+// however the product rounds (z * inv_tau - m * inv_tau rounds differently in a max pass and an exp pass
+// under FMA contraction: P-KL was ~1% off at |z| ~ 1e6). z - m itself overflows only when |z| and |m| are both
+// ~1e38; the difference is then taken from the scaled values, whose rounding is far below that magnitude
+// (and the probability is 0 either way).
+template <typename A>
+XT_HD A scaled_shift(A z, A m, A inv_tau) {
+  const A d = z - m;
+  return d == A(-INFINITY) || d == A(INFINITY) ? z * inv_tau - m * inv_tau : d * inv_tau;
+}
+
+// The logsumexp of a row of z / tau in two parts, max(z) and log sum_v exp((z_v - max) / tau), so that
+// log p_v = (z_v - max) / tau - log_sum keeps full precision: as one number, max / tau + log_sum, a log_sum
+// in [0, log V] is rounded away next to a max / tau of 1e7 (two tied maxima at 1e7 lost log 2). The ops save
+// one per row, as an [N, 2] tensor of the accumulation type, for the backward.
+template <typename A>
+struct RowLse {
+  A max;      // max_v z_v, in logit units
+  A log_sum;  // log sum_v exp((z_v - max) / tau), >= 0
+
+  // log p_v of the row's logit z_v.
+  XT_HD A log_prob(A z, A inv_tau) const { return scaled_shift(z, max, inv_tau) - log_sum; }
+  // The same row with every probability multiplied by exp(log_c) (the bayes prefix factor c).
+  XT_HD RowLse times(A log_c) const { return {max, log_sum - log_c}; }
+};
 
 // SPEC.md §3: how the predictor rows of one side of a chunk are pooled into one vector. LogMean is the
 // geometric mean of the rows' probabilities, not renormalized (NeMo-RL's mean of log-probabilities).

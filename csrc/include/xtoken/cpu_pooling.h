@@ -3,7 +3,7 @@
 // backward through it, plus the chunk loop and the gradient-row bookkeeping.
 //
 // Pooling, per side (each side has its own merge), rows r_0..r_{m-1}, a = z / tau, L = logsumexp(a),
-// p = exp(a - L):
+// p = exp(a - L), read as exp((z - max) / tau - log_sum) (common.h: RowLse):
 //   first: p_0 | mean: (1/m) sum p_i | bayes: c p_last, c = prod_{i<m-1} p_i[x_i] (x_i = realized target of row i)
 //   logmean: exp((1/m) sum (a_i - L_i)), the geometric mean of the rows' probabilities, not renormalized
 // Backward, given h = dLoss/dp_hat:
@@ -29,12 +29,12 @@ void write_softmax_grad(T* dz, const A* p, const A* h, int64_t V, A D, A scale) 
   for (int64_t v = 0; v < V; ++v) dz[v] = cpu_math::store<T>(scale * p[v] * (h[v] - D));
 }
 
-// dz[v] = -coef * p[v] with p = exp(a - L), then dz[x] += coef: the gradient of coef * log p[x].
+// dz[v] = -coef * p[v], then dz[x] += coef: the gradient of coef * log p[x].
 template <typename T, typename A>
-void write_logprob_grad(T* dz, const T* z, int64_t V, A inv_tau, A L, int64_t x, A coef) {
+void write_logprob_grad(T* dz, const T* z, int64_t V, A inv_tau, RowLse<A> L, int64_t x, A coef) {
 #pragma omp simd
-  for (int64_t v = 0; v < V; ++v) dz[v] = cpu_math::store<T>(-coef * cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - L));
-  dz[x] = cpu_math::store<T>(coef * (A(1) - cpu_math::exp(cpu_math::load<A>(z[x]) * inv_tau - L)));
+  for (int64_t v = 0; v < V; ++v) dz[v] = cpu_math::store<T>(-coef * cpu_math::exp(L.log_prob(cpu_math::load<A>(z[v]), inv_tau)));
+  dz[x] = cpu_math::store<T>(coef * (A(1) - cpu_math::exp(L.log_prob(cpu_math::load<A>(z[x]), inv_tau))));
 }
 
 // dz[v] = scale * (pooled[v] h[v] - p[v] D): the logmean gradient of one row.
@@ -74,8 +74,9 @@ void parallel_chunks(int64_t K, const MakeWork& make_work, const Body& body) {
 template <typename T, typename A>
 struct LogFromLogits {
   const T* z;
-  A inv_tau, shift;
-  __attribute__((always_inline)) A operator()(int64_t v) const { return cpu_math::load<A>(z[v]) * inv_tau - shift; }
+  A inv_tau;
+  RowLse<A> lse;  // the row's, times c
+  __attribute__((always_inline)) A operator()(int64_t v) const { return lse.log_prob(cpu_math::load<A>(z[v]), inv_tau); }
 };
 
 // ... or, for mean and logmean, from an array that holds it.
@@ -94,15 +95,15 @@ struct Side {
   A inv_tau;
   Merge merge;
   const int64_t* targets;
-  A* lse;
+  RowLse<A>* lse;
 
   static Side student(const LossParams& p) {
     return {static_cast<const T*>(p.student_logits), p.V_s, A(p.inv_tau), p.student_merge, p.student_targets,
-            static_cast<A*>(p.student_lse)};
+            static_cast<RowLse<A>*>(p.student_lse)};
   }
   static Side teacher(const LossParams& p) {
     return {static_cast<const T*>(p.teacher_logits), p.V_t, A(p.inv_tau), p.teacher_merge, p.teacher_targets,
-            static_cast<A*>(p.teacher_lse)};
+            static_cast<RowLse<A>*>(p.teacher_lse)};
   }
 
   // Whether the pooled vector is one row's softmax times a constant (first, bayes): its log is read off the logits.
@@ -117,7 +118,7 @@ struct Side {
   A log_prefix(int32_t r0, int32_t r1) const {
     A log_c = 0;
     if (merge == Merge::Bayes) {
-      for (int32_t r = r0; r < r1 - 1; ++r) log_c += cpu_math::load<A>(row(r)[targets[r]]) * inv_tau - lse[r];
+      for (int32_t r = r0; r < r1 - 1; ++r) log_c += lse[r].log_prob(cpu_math::load<A>(row(r)[targets[r]]), inv_tau);
     }
     return log_c;
   }
@@ -127,13 +128,13 @@ struct Side {
     const A w = A(1) / A(r1 - r0);
     for (int32_t r = r0; r < r1; ++r) {
       const T* zr = row(r);
-      const A L = lse[r];
+      const RowLse<A> L = lse[r];
       if (r == r0) {
 #pragma omp simd
-        for (int64_t v = 0; v < V; ++v) out[v] = cpu_math::load<A>(zr[v]) * inv_tau - L;
+        for (int64_t v = 0; v < V; ++v) out[v] = L.log_prob(cpu_math::load<A>(zr[v]), inv_tau);
       } else {
 #pragma omp simd
-        for (int64_t v = 0; v < V; ++v) out[v] += cpu_math::load<A>(zr[v]) * inv_tau - L;
+        for (int64_t v = 0; v < V; ++v) out[v] += L.log_prob(cpu_math::load<A>(zr[v]), inv_tau);
       }
     }
 #pragma omp simd
@@ -152,7 +153,7 @@ struct Side {
   auto with_log_pooled(const A* logs, int32_t r0, int32_t r1, A log_c, const Fn& fn) const {
     if (single_row()) {
       const int32_t r = pooled_row(r0, r1);
-      return fn(LogFromLogits<T, A>{row(r), inv_tau, lse[r] - log_c});
+      return fn(LogFromLogits<T, A>{row(r), inv_tau, lse[r].times(log_c)});
     }
     return fn(LogFromArray<A>{logs});
   }
@@ -196,7 +197,7 @@ struct Side {
       for (int32_t r = r0; r < r1; ++r) row_probs(out, row(r), V, inv_tau, lse[r], w, r > r0);
     } else {
       const int32_t r = pooled_row(r0, r1);
-      row_probs(out, row(r), V, inv_tau, lse[r] - log_c, A(1), false);
+      row_probs(out, row(r), V, inv_tau, lse[r].times(log_c), A(1), false);
     }
   }
 

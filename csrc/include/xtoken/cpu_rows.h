@@ -39,42 +39,42 @@ A blocked_sum(int64_t n, const Term& term) {
   return static_cast<A>(total);
 }
 
-// max(z) * inv_tau of one row (inv_tau > 0): the shift of the logsumexp passes below.
+// max(z) of one row: the shift of the logsumexp passes below (common.h: RowLse, scaled_shift).
 template <typename T, typename A>
-A row_scaled_max(const T* z, int64_t V, A inv_tau) {
+A row_max(const T* z, int64_t V) {
   A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t v = 0; v < V; ++v) {
     const A x = cpu_math::load<A>(z[v]);
     m = x > m ? x : m;
   }
-  return m * inv_tau;
+  return m;
 }
 
-// logsumexp(z * inv_tau) of one row.
+// logsumexp(z * inv_tau) of one row, as (max, log_sum).
 template <typename T, typename A>
-A row_lse(const T* z, int64_t V, A inv_tau) {
-  const A m = row_scaled_max(z, V, inv_tau);
+RowLse<A> row_lse(const T* z, int64_t V, A inv_tau) {
+  const A m = row_max<T, A>(z, V);
   double total = 0;
   for (int64_t b = 0; b < V; b += kSumBlock) {
     const int64_t e = b + kSumBlock < V ? b + kSumBlock : V;
     A s = 0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t v = b; v < e; ++v) s += cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - m);
+    for (int64_t v = b; v < e; ++v) s += cpu_math::exp(scaled_shift(cpu_math::load<A>(z[v]), m, inv_tau));
     total += s;
   }
-  return m + static_cast<A>(std::log(total));
+  return {m, static_cast<A>(std::log(total))};
 }
 
-// out[v] = scale * exp(z[v] * inv_tau - shift)   (accumulate: out[v] += ...)
+// out[v] = scale * p[v], p[v] = exp(lse.log_prob(z[v]))   (accumulate: out[v] += ...)
 template <typename T, typename A>
-void row_probs(A* out, const T* z, int64_t V, A inv_tau, A shift, A scale, bool accumulate) {
+void row_probs(A* out, const T* z, int64_t V, A inv_tau, RowLse<A> lse, A scale, bool accumulate) {
   if (accumulate) {
 #pragma omp simd
-    for (int64_t v = 0; v < V; ++v) out[v] += scale * cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - shift);
+    for (int64_t v = 0; v < V; ++v) out[v] += scale * cpu_math::exp(lse.log_prob(cpu_math::load<A>(z[v]), inv_tau));
   } else {
 #pragma omp simd
-    for (int64_t v = 0; v < V; ++v) out[v] = scale * cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - shift);
+    for (int64_t v = 0; v < V; ++v) out[v] = scale * cpu_math::exp(lse.log_prob(cpu_math::load<A>(z[v]), inv_tau));
   }
 }
 
@@ -171,17 +171,17 @@ void gather_rows(A* out, const A* g, const ProjectionPlan<A>& plan) {
   gather_rest(out, g, plan.row_rest_s, plan.row_rest_t, plan.row_rest_val);
 }
 
-// Softmax of one row in two passes: out[v] = exp(z[v] * inv_tau - L) * scale; returns L = logsumexp.
+// Softmax of one row in two passes: out[v] = p[v] * scale; returns the row's logsumexp.
 template <typename T, typename A>
-A row_softmax(A* out, const T* z, int64_t V, A inv_tau, A scale) {
-  const A m = row_scaled_max(z, V, inv_tau);
+RowLse<A> row_softmax(A* out, const T* z, int64_t V, A inv_tau, A scale) {
+  const A m = row_max<T, A>(z, V);
   double total = 0;
   for (int64_t b = 0; b < V; b += kSumBlock) {
     const int64_t e = b + kSumBlock < V ? b + kSumBlock : V;
     A s = 0;
 #pragma omp simd reduction(+ : s)
     for (int64_t v = b; v < e; ++v) {
-      const A ev = cpu_math::exp(cpu_math::load<A>(z[v]) * inv_tau - m);
+      const A ev = cpu_math::exp(scaled_shift(cpu_math::load<A>(z[v]), m, inv_tau));
       out[v] = ev;
       s += ev;
     }
@@ -190,7 +190,7 @@ A row_softmax(A* out, const T* z, int64_t V, A inv_tau, A scale) {
   const A f = static_cast<A>(static_cast<double>(scale) / total);
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) out[v] *= f;
-  return m + static_cast<A>(std::log(total));
+  return {m, static_cast<A>(std::log(total))};
 }
 
 }  // namespace cpu

@@ -52,10 +52,10 @@ __device__ void nan_rows_of_chunk(const LossParams& p, const Chunk& c) {
 // log sum_i exp(a_i[v] - L_i) over m rows from z (row stride V, logsumexps lse[0, m)): log(m p_mean[v]),
 // without underflow.
 template <typename T, typename A>
-__device__ __forceinline__ A log_sum_probs(const T* z, int64_t V, A inv_tau, const A* lse, int32_t m, int64_t v) {
-  A out = static_cast<A>(z[v]) * inv_tau - lse[0];
+__device__ __forceinline__ A log_sum_probs(const T* z, int64_t V, A inv_tau, const RowLse<A>* lse, int32_t m, int64_t v) {
+  A out = lse[0].log_prob(static_cast<A>(z[v]), inv_tau);
   for (int32_t i = 1; i < m; ++i) {
-    const A x = static_cast<A>(z[i * V + v]) * inv_tau - lse[i];
+    const A x = lse[i].log_prob(static_cast<A>(z[i * V + v]), inv_tau);
     const A hi = x > out ? x : out, lo = x > out ? out : x;
     out = hi == A(-INFINITY) ? hi : hi + dlog(A(1) + dexp(lo - hi));
   }
@@ -70,25 +70,25 @@ struct Pooled {
   const T* __restrict__ z;  // first row used
   int64_t V;
   A inv_tau;
-  A L;                        // its logsumexp (first, bayes)
-  const A* lse;              // the rows' logsumexps (mean, logmean); written by the forward kernel: not __restrict__
+  RowLse<A> L;                // its logsumexp (first, bayes)
+  const RowLse<A>* lse;       // the rows' logsumexps (mean, logmean); written by the forward kernel: not __restrict__
   int32_t m;                  // rows pooled (mean, logmean), 0 otherwise
   bool log_mean;              // logmean rather than mean
 
   // log p: off the logits (one row), the mean of the rows' log-probabilities (logmean) or their log-mean-exp
   // (mean).
   __device__ __forceinline__ A log_prob(int64_t v) const {
-    if (m == 0) return static_cast<A>(z[v]) * inv_tau - L;
+    if (m == 0) return L.log_prob(static_cast<A>(z[v]), inv_tau);
     if (!log_mean) return log_sum_probs(z, V, inv_tau, lse, m, v) - dlog(A(m));
     A s = 0;
-    for (int32_t i = 0; i < m; ++i) s += static_cast<A>(z[i * V + v]) * inv_tau - lse[i];
+    for (int32_t i = 0; i < m; ++i) s += lse[i].log_prob(static_cast<A>(z[i * V + v]), inv_tau);
     return s / A(m);
   }
 
   __device__ __forceinline__ A prob(int64_t v) const {
     if (m == 0 || log_mean) return dexp(log_prob(v));
     A p = 0;
-    for (int32_t i = 0; i < m; ++i) p += dexp(static_cast<A>(z[i * V + v]) * inv_tau - lse[i]);
+    for (int32_t i = 0; i < m; ++i) p += dexp(lse[i].log_prob(static_cast<A>(z[i * V + v]), inv_tau));
     return p / A(m);
   }
 
@@ -113,15 +113,15 @@ struct Side {
   A inv_tau;
   Merge merge;
   const int64_t* __restrict__ targets;
-  A* lse;
+  RowLse<A>* lse;
 
   static Side student(const LossParams& p) {
     return {static_cast<const T*>(p.student_logits), p.V_s, A(p.inv_tau), p.student_merge, p.student_targets,
-            static_cast<A*>(p.student_lse)};
+            static_cast<RowLse<A>*>(p.student_lse)};
   }
   static Side teacher(const LossParams& p) {
     return {static_cast<const T*>(p.teacher_logits), p.V_t, A(p.inv_tau), p.teacher_merge, p.teacher_targets,
-            static_cast<A*>(p.teacher_lse)};
+            static_cast<RowLse<A>*>(p.teacher_lse)};
   }
 
   __device__ const T* row(int64_t r) const { return z + r * V; }
@@ -136,16 +136,16 @@ struct Side {
     if (merge == Merge::Bayes) {
       for (int32_t r = r0; r < r1 - 1; ++r) {
         const int64_t x = targets[r];
-        log_c += (x >= 0 && x < V) ? static_cast<A>(row(r)[x]) * inv_tau - lse[r] : nan_value<A>();
+        log_c += (x >= 0 && x < V) ? lse[r].log_prob(static_cast<A>(row(r)[x]), inv_tau) : nan_value<A>();
       }
     }
     return log_c;
   }
 
-  // The pooled rows of a chunk (call after the lse values are written).
+  // The pooled rows of a chunk (call after the lse values are written). One row pools to itself whatever the merge.
   __device__ Pooled<T, A> pooled(int32_t r0, int32_t r1) const {
-    if (merge == Merge::Mean || merge == Merge::LogMean) {
-      return {row(r0), V, inv_tau, A(0), lse + r0, r1 - r0, merge == Merge::LogMean};
+    if ((merge == Merge::Mean || merge == Merge::LogMean) && r1 - r0 > 1) {
+      return {row(r0), V, inv_tau, RowLse<A>{A(0), A(0)}, lse + r0, r1 - r0, merge == Merge::LogMean};
     }
     const int32_t r = pooled_row(r0, r1);
     return {row(r), V, inv_tau, lse[r], nullptr, 0, false};
@@ -154,7 +154,7 @@ struct Side {
   // Writes the logsumexp of every row the pooling reads (the whole block takes part).
   __device__ void compute_lse(int32_t r0, int32_t r1, A* scratch) const {
     for (int32_t r = r0; r < lse_end(r0, r1); ++r) {
-      const A L = row_lse(row(r), V, inv_tau, scratch);
+      const RowLse<A> L = row_lse(row(r), V, inv_tau, scratch);
       if (threadIdx.x == 0) lse[r] = L;
     }
   }
@@ -174,24 +174,24 @@ struct Side {
   template <typename H>
   __device__ void pool_backward(T* dz, const H& h, int32_t r0, int32_t r1, A c, A D, A* scratch) const {
     if (merge == Merge::First) {
-      const A L = lse[r0];
+      const RowLse<A> L = lse[r0];
       const T* zr = row(r0);
       T* out = dz + r0 * V;
       for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-        out[v] = static_cast<T>(inv_tau * dexp(static_cast<A>(zr[v]) * inv_tau - L) * (h(v) - D));
+        out[v] = static_cast<T>(inv_tau * dexp(L.log_prob(static_cast<A>(zr[v]), inv_tau)) * (h(v) - D));
       }
       zero_rows(dz, V, r0 + 1, r1);
     } else if (merge == Merge::Mean) {
       const A scale = inv_tau / A(r1 - r0);
       for (int32_t r = r0; r < r1; ++r) {
-        const A L = lse[r];
+        const RowLse<A> L = lse[r];
         const T* zr = row(r);
         A d_row = 0;
-        for (int64_t v = threadIdx.x; v < V; v += blockDim.x) d_row += dexp(static_cast<A>(zr[v]) * inv_tau - L) * h(v);
+        for (int64_t v = threadIdx.x; v < V; v += blockDim.x) d_row += dexp(L.log_prob(static_cast<A>(zr[v]), inv_tau)) * h(v);
         d_row = block_sum(d_row, scratch);
         T* out = dz + r * V;
         for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-          out[v] = static_cast<T>(scale * dexp(static_cast<A>(zr[v]) * inv_tau - L) * (h(v) - d_row));
+          out[v] = static_cast<T>(scale * dexp(L.log_prob(static_cast<A>(zr[v]), inv_tau)) * (h(v) - d_row));
         }
       }
     } else if (merge == Merge::LogMean) {  // dz_r = (p_hat h - p_r D) / (m tau)
@@ -200,25 +200,25 @@ struct Side {
       for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
         const A hp = h(v) * pooled_rows.prob(v);
         for (int32_t r = r0; r < r1; ++r) {
-          dz[r * V + v] = static_cast<T>(scale * (hp - dexp(static_cast<A>(row(r)[v]) * inv_tau - lse[r]) * D));
+          dz[r * V + v] = static_cast<T>(scale * (hp - dexp(lse[r].log_prob(static_cast<A>(row(r)[v]), inv_tau)) * D));
         }
       }
     } else {  // Bayes: D is u = <p_last, h>
       const int32_t last = r1 - 1;
-      const A L = lse[last];
+      const RowLse<A> L = lse[last];
       const T* zr = row(last);
       T* out = dz + last * V;
       for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-        out[v] = static_cast<T>(inv_tau * c * dexp(static_cast<A>(zr[v]) * inv_tau - L) * (h(v) - D));
+        out[v] = static_cast<T>(inv_tau * c * dexp(L.log_prob(static_cast<A>(zr[v]), inv_tau)) * (h(v) - D));
       }
       const A coef = inv_tau * c * D;
       for (int32_t r = r0; r < last; ++r) {
-        const A Lr = lse[r];
+        const RowLse<A> Lr = lse[r];
         const T* zp = row(r);
         const int64_t x = targets[r];
         T* o = dz + r * V;
         for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-          o[v] = static_cast<T>(coef * ((v == x ? A(1) : A(0)) - dexp(static_cast<A>(zp[v]) * inv_tau - Lr)));
+          o[v] = static_cast<T>(coef * ((v == x ? A(1) : A(0)) - dexp(Lr.log_prob(static_cast<A>(zp[v]), inv_tau))));
         }
       }
     }

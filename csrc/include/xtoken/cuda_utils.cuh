@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "xtoken/common.h"
+
 namespace xtoken {
 namespace cuda {
 
@@ -41,24 +43,25 @@ __device__ A block_sum(A v, A* scratch) {
   return warp_sum(v);
 }
 
-// Combine two (max, sum of exp(x - max)) pairs. -inf maxima (nothing seen yet) combine cleanly;
-// NaN propagates through the sums.
+// Combine two (max logit, sum of exp((z - max) / tau)) pairs (common.h: RowLse, scaled_shift). -inf maxima
+// (nothing seen yet) combine cleanly; NaN propagates through the sums.
 template <typename A>
-__device__ __forceinline__ void lse_combine(A& m, A& s, A m2, A s2) {
+__device__ __forceinline__ void lse_combine(A& m, A& s, A m2, A s2, A inv_tau) {
   const A mx = m > m2 ? m : m2;
   if (mx == -INFINITY) return;  // both empty
-  s = (m == -INFINITY ? A(0) : s * dexp(m - mx)) + (m2 == -INFINITY ? A(0) : s2 * dexp(m2 - mx));
+  s = (m == -INFINITY ? A(0) : s * dexp(scaled_shift(m, mx, inv_tau))) +
+      (m2 == -INFINITY ? A(0) : s2 * dexp(scaled_shift(m2, mx, inv_tau)));
   m = mx;
 }
 
 // logsumexp over the block of per-thread (max, sum) pairs; every thread gets the result.
 template <typename A>
-__device__ A block_lse(A m, A s, A* scratch) {
+__device__ RowLse<A> block_lse(A m, A s, A inv_tau, A* scratch) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     const A m2 = __shfl_xor_sync(0xffffffffu, m, offset);
     const A s2 = __shfl_xor_sync(0xffffffffu, s, offset);
-    lse_combine(m, s, m2, s2);
+    lse_combine(m, s, m2, s2, inv_tau);
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
   __syncthreads();
@@ -73,27 +76,28 @@ __device__ A block_lse(A m, A s, A* scratch) {
   for (int offset = 16; offset > 0; offset >>= 1) {
     const A m2 = __shfl_xor_sync(0xffffffffu, m, offset);
     const A s2 = __shfl_xor_sync(0xffffffffu, s, offset);
-    lse_combine(m, s, m2, s2);
+    lse_combine(m, s, m2, s2, inv_tau);
   }
-  return m + dlog(s);
+  return {m, dlog(s)};
 }
 
-// logsumexp(z * inv_tau) of one row, by the whole block. Four loads in flight per thread before
-// their exps, one rescale per group of four.
+// logsumexp(z * inv_tau) of one row, by the whole block, as (max, log_sum). Four loads in flight per
+// thread before their exps, one rescale per group of four.
 template <typename T, typename A>
-__device__ A row_lse(const T* __restrict__ z, int64_t V, A inv_tau, A* scratch) {
+__device__ RowLse<A> row_lse(const T* __restrict__ z, int64_t V, A inv_tau, A* scratch) {
   A m = -INFINITY, s = 0;
   const int64_t stride = blockDim.x;
   int64_t v = threadIdx.x;
   for (; v + 3 * stride < V; v += 4 * stride) {
-    const A x0 = static_cast<A>(z[v]) * inv_tau, x1 = static_cast<A>(z[v + stride]) * inv_tau;
-    const A x2 = static_cast<A>(z[v + 2 * stride]) * inv_tau, x3 = static_cast<A>(z[v + 3 * stride]) * inv_tau;
+    const A x0 = static_cast<A>(z[v]), x1 = static_cast<A>(z[v + stride]);
+    const A x2 = static_cast<A>(z[v + 2 * stride]), x3 = static_cast<A>(z[v + 3 * stride]);
     const A mx = fmax(fmax(x0, x1), fmax(x2, x3));
-    const A s4 = dexp(x0 - mx) + dexp(x1 - mx) + dexp(x2 - mx) + dexp(x3 - mx);
-    lse_combine(m, s, mx, s4);
+    const A s4 = dexp(scaled_shift(x0, mx, inv_tau)) + dexp(scaled_shift(x1, mx, inv_tau)) +
+                 dexp(scaled_shift(x2, mx, inv_tau)) + dexp(scaled_shift(x3, mx, inv_tau));
+    lse_combine(m, s, mx, s4, inv_tau);
   }
-  for (; v < V; v += stride) lse_combine(m, s, static_cast<A>(z[v]) * inv_tau, A(1));
-  return block_lse(m, s, scratch);
+  for (; v < V; v += stride) lse_combine(m, s, static_cast<A>(z[v]), A(1), inv_tau);
+  return block_lse(m, s, inv_tau, scratch);
 }
 
 }  // namespace cuda

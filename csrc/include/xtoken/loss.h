@@ -22,8 +22,8 @@ struct LossParams {
   const int64_t* teacher_targets;  // teacher_merge == Bayes only
   // Forward outputs, in the accumulation type (float, or double for float64 logits).
   void* losses;
-  void* student_lse;  // [N_s], rows no pooling reads stay 0
-  void* teacher_lse;  // [N_t]
+  void* student_lse;  // [N_s] RowLse (common.h; an [N_s, 2] tensor), rows no pooling reads stay 0
+  void* teacher_lse;  // [N_t] RowLse
   // Backward.
   const void* grad_losses;  // shaped like the losses
   void* grad_student;       // [N_s, V_s], the student logits' dtype
