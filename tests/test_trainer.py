@@ -97,13 +97,16 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 @pytest.mark.parametrize("teachers", [["digits"], ["sentencepiece", "same"]], ids=["one", "two"])
 def test_fused_linear_equals_the_logits_path(tmp_path, teachers):
     # Dynamic scaling, CE fused into the first teacher's blocks, a cross-tokenizer and a same-tokenizer teacher.
-    logits = train(str(tmp_path / "logits"), teachers=teachers, batch_size=4, steps=3)
+    # P-KL named (loss="auto" now picks the chain for "digits"; the chain is compared in the next test).
+    pkl = dict(loss="pkl") if teachers == ["digits"] else None
+    logits = train(str(tmp_path / "logits"), teachers=teachers, batch_size=4, steps=3, teacher_settings=pkl)
     widths = []
     hook = torch.nn.modules.module.register_module_forward_hook(
         lambda module, args, out: widths.append(out.shape[-1]) if isinstance(module, torch.nn.Linear)
         and module.out_features > 100 else None)
     try:
-        fused = train(str(tmp_path / "fused"), teachers=teachers, batch_size=4, steps=3, fused_linear=True)
+        fused = train(str(tmp_path / "fused"), teachers=teachers, batch_size=4, steps=3, fused_linear=True,
+                      teacher_settings=pkl)
     finally:
         hook.remove()
     assert fused.fused_linear and all(head is not None for head in fused._teacher_heads)
