@@ -94,7 +94,7 @@ tokenizer, under CE only and under CE plus same-tokenizer KD: they show what dis
 the tokenizers agree."""
 
 DEFAULT_METHODS = ("control-ce", "control-kd", "ce", "gold", "pkl", "chain")
-"""What ``xtoken demo`` runs unless told (under 10 minutes on two cores): the controls, CE only, GOLD, the paper's
+"""What ``xtoken demo`` runs unless told (about 15 minutes on this project's 2-core machine): the controls, CE only, GOLD, the paper's
 P-KL and xtoken's chain KL. ``bench/quality/run_study.py`` runs every method."""
 
 _METHOD_LOSSES = {"pkl-nemo": ("pkl", {"merge": NEMO_MERGE}), "pkl-learned": ("pkl", {"learn_projection": True})}
