@@ -61,3 +61,22 @@ def test_demo_quick_runs(tmp_path, capsys):
     assert all(0 <= a <= 1 for a in results["accuracy"].values())
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     assert (tmp_path / "W.safetensors").is_file() and (tmp_path / "train.jsonl").is_file()
+
+
+def test_schedule_does_not_change_results():
+    """With two workers the teacher trains in a worker beside the CE-only students and the taught students
+    start costliest first: every model's answers equal the one-process run's."""
+    from xtoken.demo import DemoSettings, ModelSize, _train_all, method_variants, prepare
+
+    settings = DemoSettings(train_problems=300, test_problems=20, teacher=ModelSize(16, 1), student=ModelSize(16, 1),
+                            teacher_steps=20, student_steps=10, batch_size=8)  # fmt: skip
+    data = prepare(settings, 5)
+    variants = method_variants(["pkl", "control-ce", "chain", "ce"])
+    (_, teacher_one, _), students_one = _train_all(data, variants, 1, log=lambda m: None)
+    (teacher_model, teacher_two, _), students_two = _train_all(data, variants, 2, log=lambda m: None)
+    assert teacher_model is not None and teacher_two == teacher_one
+    assert [answers for answers, _ in students_two] == [answers for answers, _ in students_one]
+    # the students answer differently, so answers returned in the wrong order would not pass
+    assert len({tuple(a.text for a in answers) for answers, _ in students_one}) >= 3
+    with pytest.raises(ValueError, match="workers"):
+        _train_all(data, variants, 0, log=lambda m: None)

@@ -569,11 +569,24 @@ def train_students(
     """Step 4: per variant, the student's answers to the held-out problems and the seconds it took. Every
     student has the same size, initialization, batches and steps; they differ only in the teacher loss (and
     W). ``workers`` students train at once, each in its own process on one thread."""
+    _check_workers(workers)
+    jobs = _student_jobs(data, teacher, variants)
+    log(f"training {len(jobs)} students (same initialization, batches and steps; {min(workers, max(len(jobs), 1))} "
+        "at a time)")
+    return _run_jobs(jobs, workers, log)
+
+
+def _check_workers(workers: int) -> None:
+    if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
+        raise ValueError(f"workers: expected an integer >= 1, got {workers!r}")
+
+
+def _student_jobs(data: DemoData, teacher, variants: Sequence[StudentVariant]) -> list[_Job]:
+    """The training jobs of ``variants``; ``teacher`` (the trained teacher model) is read only by variants with
+    a teacher loss."""
     from .distill import Teacher
     from .projection import Projection
 
-    if not (isinstance(workers, int) and workers >= 1):
-        raise ValueError(f"workers: expected an integer >= 1, got {workers!r}")
     settings = data.settings
     jobs = []
     for variant in variants:
@@ -582,6 +595,8 @@ def train_students(
         tokenizer = data.student_tokenizer if variant.tokenizer == "student" else data.teacher_tokenizer
         teachers = []
         if variant.loss is not None:
+            if teacher is None:
+                raise ValueError(f"{variant.label}: a student with a teacher loss needs the trained teacher")
             projection = None
             if variant.tokenizer == "student":
                 projection = data.projection
@@ -593,9 +608,7 @@ def train_students(
                                 **(variant.teacher_options or {}))]
         jobs.append(_Job(variant.label, tokenizer, settings.student, data.seed + 2, settings.student_steps,
                          settings.student_lr, teachers, settings, data.seed, data.texts, data.test))
-    log(f"training {len(jobs)} students (same initialization, batches and steps; {min(workers, max(len(jobs), 1))} "
-        "at a time)")
-    return _run_jobs(jobs, workers, log)
+    return jobs
 
 
 def _run_jobs(jobs: list[_Job], workers: int, log: Callable[[str], None]) -> list[tuple[list[Answer], float]]:
@@ -603,11 +616,59 @@ def _run_jobs(jobs: list[_Job], workers: int, log: Callable[[str], None]) -> lis
     (whose progress lines go straight to stdout)."""
     if workers == 1 or len(jobs) <= 1:
         return [_run_job(job, log)[1:] for job in jobs]
+    with _pool(workers) as pool:
+        return list(pool.map(_run_in_worker, jobs))
+
+
+def _pool(workers: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_run_in_worker, jobs))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _train_in_worker(job: _Job) -> tuple[Any, list[Answer], float]:
+    torch.set_num_threads(1)
+    return _run_job(job)
+
+
+# Measured seconds per training step of the default toy's students relative to CE only (one thread, this
+# project's 2-core machine): the order in which students start, longest first, so that ``workers`` processes
+# finish close together. Only the schedule depends on it, never a result.
+_RELATIVE_COST = {None: 1.0, "pkl": 1.4, "kd": 1.7, "gold": 1.8, "hkl": 1.8, "uld": 1.8, "chain": 2.2, "pkl+chain": 2.3}
+
+
+def _train_all(
+    data: DemoData, variants: Sequence[StudentVariant], workers: int, log: Callable[[str], None]
+) -> tuple[tuple[Any, list[Answer], float], list[tuple[list[Answer], float]]]:
+    """Steps 3-4: the teacher's (model, answers, seconds) and each variant's (answers, seconds), in order.
+
+    With ``workers`` > 1 every model trains in a worker process on one thread (so results equal the one-worker
+    run's): the students without a teacher loss (CE only) train beside the teacher, the others once it is
+    trained, the costliest first."""
+    _check_workers(workers)
+    if workers == 1:
+        log("training the teacher")
+        teacher = train_teacher(data, log)
+        return teacher, train_students(data, teacher[0], variants, workers=1, log=log)
+    free = [i for i, v in enumerate(variants) if v.loss is None]
+    taught = sorted((i for i, v in enumerate(variants) if v.loss is not None),
+                    key=lambda i: -_RELATIVE_COST.get(variants[i].loss, 2.0))  # fmt: skip
+    settings = data.settings
+    teacher_job = _Job("teacher", data.teacher_tokenizer, settings.teacher, data.seed + 1, settings.teacher_steps,
+                       settings.teacher_lr, [], settings, data.seed, data.texts, data.test)  # fmt: skip
+    log(f"training the teacher and {len(free)} student(s) without a teacher loss beside it, then {len(taught)} "
+        f"student(s) with one ({workers} at a time; every student has the same initialization, batches and steps)")
+    futures = {}
+    with _pool(workers) as pool:
+        teacher_future = pool.submit(_train_in_worker, teacher_job)
+        for i, job in zip(free, _student_jobs(data, None, [variants[i] for i in free])):
+            futures[i] = pool.submit(_run_in_worker, job)
+        teacher = teacher_future.result()
+        log(f"  teacher trained ({teacher[2]:.0f} s)")
+        for i, job in zip(taught, _student_jobs(data, teacher[0], [variants[i] for i in taught])):
+            futures[i] = pool.submit(_run_in_worker, job)
+        return teacher, [futures[i].result() for i in range(len(variants))]
 
 
 def run_demo(
@@ -628,8 +689,9 @@ def run_demo(
         seed: seeds the corpus, the tokenizers, the models and the batches.
         methods: the student methods to run (keys of :data:`METHODS`).
         extra_students: more students to train the same way (ablations).
-        workers: students trained at once, each in its own process. Every model trains on one thread, so
-            results do not depend on ``workers``.
+        workers: models trained at once, each in its own process (with more than one, the teacher trains
+            beside the students that need no teacher). Every model trains on one thread, so results do not
+            depend on ``workers``.
         output: a folder for the corpus, the tokenizers, W, ``results.json`` and ``accuracy.png``.
         log: where progress lines go.
         vocab: the tokenizer pair (:data:`VOCABS`): ``"toy"`` BPEs trained on the corpus, or ``"real"``
@@ -654,11 +716,10 @@ def run_demo(
     log(f"coverage audit of W (student -> teacher):\n{result.audit}")
     log(f"alignment of the first 1,000 training texts:\n{result.alignment}")
 
-    log("training the teacher")
-    teacher, answers, seconds = train_teacher(data, log)
+    (_, answers, seconds), students = _train_all(data, variants, workers, log)
     result.record("teacher", data.test, answers, seconds, student=False)
     log(f"  teacher  exact match {result.accuracy['teacher']:.1%} ({seconds:.0f} s)")
-    for variant, (answers, seconds) in zip(variants, train_students(data, teacher, variants, workers=workers, log=log)):
+    for variant, (answers, seconds) in zip(variants, students):
         result.record(variant.label, data.test, answers, seconds, student=variant.diagnosed)
         log(f"  {variant.label:<8} exact match {result.accuracy[variant.label]:.1%} ({seconds:.0f} s)")
     result.seconds["total"] = time.perf_counter() - clock
