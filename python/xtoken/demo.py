@@ -94,9 +94,8 @@ tokenizer, under CE only and under CE plus same-tokenizer KD: they show what dis
 the tokenizers agree."""
 
 DEFAULT_METHODS = ("control-ce", "control-kd", "ce", "gold", "pkl", "chain")
-"""What ``xtoken demo`` runs unless told (11 minutes on this project's 2-core machine, over the 10-minute target): the
-controls, CE only, GOLD, the paper's
-P-KL and xtoken's chain KL. ``bench/quality/run_study.py`` runs every method."""
+"""What ``xtoken demo`` runs unless told (11 minutes on this project's 2-core machine, over the 10-minute
+target): the controls, CE only, GOLD, the paper's P-KL and xtoken's chain KL. ``bench/quality/run_study.py`` runs every method."""
 
 _METHOD_LOSSES = {"pkl-nemo": ("pkl", {"merge": NEMO_MERGE}), "pkl-learned": ("pkl", {"learn_projection": True})}
 
@@ -246,8 +245,8 @@ SETTINGS = {
         teacher_steps=150, student_steps=60,
     ),
 }
-"""The demo's two budgets: ``default`` (11 minutes for the default methods on two CPU cores; the teacher solves nearly all
-held-out problems) and ``quick`` (a smoke test for CI: every step runs, the numbers mean little)."""
+"""The demo's two budgets: ``default`` (11 minutes for the default methods on two CPU cores; the teacher
+solves nearly all held-out problems) and ``quick`` (a smoke test for CI: every step runs, the numbers mean little)."""
 
 
 def build_lm(vocab_size: int, size: ModelSize, seed: int, eos_token_id: int):
@@ -532,10 +531,13 @@ def _run_job(job: _Job, log: Callable[[str], None] = _print) -> tuple[Any, list[
     return model, answers, time.perf_counter() - start
 
 
-def _run_in_worker(job: _Job) -> tuple[list[Answer], float]:
+def _train_in_worker(job: _Job) -> tuple[Any, list[Answer], float]:
     torch.set_num_threads(1)  # one worker per core
-    _, answers, seconds = _run_job(job)
-    return answers, seconds
+    return _run_job(job)
+
+
+def _run_in_worker(job: _Job) -> tuple[list[Answer], float]:
+    return _train_in_worker(job)[1:]
 
 
 def _one_thread(function):
@@ -556,10 +558,13 @@ def _one_thread(function):
 @_one_thread
 def train_teacher(data: DemoData, log: Callable[[str], None] = print) -> tuple[Any, list[Answer], float]:
     """Step 3: the teacher, its answers to the held-out problems and the seconds it took."""
+    return _run_job(_teacher_job(data), log)
+
+
+def _teacher_job(data: DemoData) -> _Job:
     settings = data.settings
-    job = _Job("teacher", data.teacher_tokenizer, settings.teacher, data.seed + 1, settings.teacher_steps,
-               settings.teacher_lr, [], settings, data.seed, data.texts, data.test)  # fmt: skip
-    return _run_job(job, log)
+    return _Job("teacher", data.teacher_tokenizer, settings.teacher, data.seed + 1, settings.teacher_steps,
+                settings.teacher_lr, [], settings, data.seed, data.texts, data.test)  # fmt: skip
 
 
 @_one_thread
@@ -628,15 +633,11 @@ def _pool(workers: int):
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def _train_in_worker(job: _Job) -> tuple[Any, list[Answer], float]:
-    torch.set_num_threads(1)
-    return _run_job(job)
-
-
 # Measured seconds per training step of the default toy's students relative to CE only (one thread, this
 # project's 2-core machine): the order in which students start, longest first, so that ``workers`` processes
 # finish close together. Only the schedule depends on it, never a result.
-_RELATIVE_COST = {None: 1.0, "pkl": 1.4, "kd": 1.7, "gold": 1.8, "hkl": 1.8, "uld": 1.8, "chain": 2.2, "pkl+chain": 2.3}
+_RELATIVE_COST = {None: 1.0, "pkl": 1.4, "kd": 1.7, "gold": 1.8, "hkl": 1.8, "uld": 1.8, "chain": 2.2,
+                  "pkl+chain": 2.3}
 
 
 def _train_all(
@@ -655,14 +656,11 @@ def _train_all(
     free = [i for i, v in enumerate(variants) if v.loss is None]
     taught = sorted((i for i, v in enumerate(variants) if v.loss is not None),
                     key=lambda i: -_RELATIVE_COST.get(variants[i].loss, 2.0))  # fmt: skip
-    settings = data.settings
-    teacher_job = _Job("teacher", data.teacher_tokenizer, settings.teacher, data.seed + 1, settings.teacher_steps,
-                       settings.teacher_lr, [], settings, data.seed, data.texts, data.test)  # fmt: skip
     log(f"training the teacher and {len(free)} student(s) without a teacher loss beside it, then {len(taught)} "
         f"student(s) with one ({workers} at a time; every student has the same initialization, batches and steps)")
     futures = {}
     with _pool(workers) as pool:
-        teacher_future = pool.submit(_train_in_worker, teacher_job)
+        teacher_future = pool.submit(_train_in_worker, _teacher_job(data))
         for i, job in zip(free, _student_jobs(data, None, [variants[i] for i in free])):
             futures[i] = pool.submit(_run_in_worker, job)
         teacher = teacher_future.result()
