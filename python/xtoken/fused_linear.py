@@ -315,11 +315,34 @@ class _Gradients:
         """A block's logit gradient ``dz [n, V_s]`` for its student ``rows`` (``hidden`` = those rows)."""
         grad_hidden, grad_weight, grad_bias, _ = self.tensors
         if self.wanted[0]:  # each row belongs to one block: written once, no accumulation across blocks
-            grad_hidden.index_copy_(0, rows, torch.mm(dz, weight).to(grad_hidden.dtype))
+            grad_hidden.index_copy_(0, rows, _row_gemm(dz, weight, transpose=False).to(grad_hidden.dtype))
         if self.wanted[1]:
             _addmm_into(grad_weight, dz.t(), hidden)
         if self.wanted[2]:
             grad_bias.add_(dz.sum(0, dtype=grad_bias.dtype))
+
+
+def _row_gemm(rows: torch.Tensor, weight: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``rows @ weight.T`` (``transpose``) or ``rows @ weight`` for a block of rows and an lm_head-sized weight.
+
+    On the CPU in float32, MKL is slow when the few block rows are the GEMM's outer operand and the wide weight
+    the packed one (128 rows against a 128,256 x 2,048 head: 1.3x to 2x the time per row of a 2,048-row GEMM on
+    a 2-core AMD EPYC), so the product is computed transposed, with the weight as the wide outer operand, and
+    laid out row-major again (a copy of the block's size): the benchmark's fused P-KL forward+backward at 128-row
+    blocks took 11% less time (78.3 -> 69.8 s and 88.5 -> 78.8 s, alternated in one process). Elsewhere
+    (cuBLAS, bf16 GEMMs) the plain product."""
+    if rows.device.type == "cpu" and rows.dtype == torch.float32:
+        product = torch.mm(weight, rows.t()) if transpose else torch.mm(weight.t(), rows.t())
+        return product.t().contiguous()
+    return torch.mm(rows, weight.t() if transpose else weight)
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(hidden, weight, bias)`` for a block of rows (see :func:`_row_gemm`)."""
+    if not (hidden.device.type == "cpu" and hidden.dtype == torch.float32):
+        return F.linear(hidden, weight, bias)
+    logits = _row_gemm(hidden, weight, transpose=True)
+    return logits if bias is None else logits.add_(bias)
 
 
 def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -401,11 +424,11 @@ def _run_blocks(op: str, c: _Call):
     for rows_s, rows_t, chunk_slice in blocks.bounds:
         student_rows, teacher_rows = blocks.student_rows[rows_s], blocks.teacher_rows[rows_t]
         hidden = hs_all.index_select(0, student_rows)
-        zs = F.linear(hidden, W_s, b_s)
+        zs = _logits(hidden, W_s, b_s)
         dz = dz_ce = None
         if chunk_slice.stop > chunk_slice.start:
             local = blocks.chunks[chunk_slice]
-            zt = F.linear(ht_all.index_select(0, teacher_rows), W_t, b_t).to(zs.dtype)
+            zt = _logits(ht_all.index_select(0, teacher_rows), W_t, b_t).to(zs.dtype)
             targets = (
                 None if c.student_targets is None else c.student_targets.index_select(0, student_rows),
                 None if c.teacher_targets is None else c.teacher_targets.index_select(0, teacher_rows),
