@@ -630,7 +630,30 @@ def _pool(workers: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_keep_freed_memory)
+
+
+def _keep_freed_memory() -> None:
+    """Worker set-up: keep freed memory in the process's heap (glibc). By default glibc hands a freed block
+    above its (adaptive) mmap threshold, and the top of the heap beyond 128 KiB, back to the kernel, so every
+    training step faults its activations' pages in afresh: a default demo took 15 million minor page faults and
+    60 s of system time. With the mmap threshold at its 32 MiB maximum and no trimming below 1 GiB, a chain-KL
+    student's 300 steps took 0.4 s of system time instead of 2.4-3.6 s and 8% less wall time. Only where memory
+    comes from changes, never a value, so results are unchanged. Nothing happens without glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return
+    if mallopt is not None:
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 # Measured seconds per training step of the default toy's students relative to CE only (one thread, this
