@@ -9,7 +9,8 @@ import pytest
 import tokenizers_util as tu
 import torch
 from xtoken import Projection
-from xtoken.projection import AUDIT_CLASSES, TokenTable
+from xtoken.audit import AUDIT_CLASSES
+from xtoken.projection import TokenTable
 from xtoken.tokenizer import HFTokenizer, TiktokenTokenizer
 
 HAS_TIKTOKEN = importlib.util.find_spec("tiktoken") is not None
@@ -116,14 +117,14 @@ def _valid(text: bytes) -> bool:
 
 
 def test_repeated_pieces_add_up_and_top_k_keeps_the_earliest():
-    from xtoken.projection import _piece_weights
+    from xtoken.rules import piece_weights
 
     # "000" -> "0", "0", "0": one teacher token holds the whole row.
-    assert _piece_weights([5, 5, 5], 0.9, 0.1, 4) == [(5, 1.0)]
-    weights = _piece_weights([5, 7, 5], 0.9, 0.1, 4)
+    assert piece_weights([5, 5, 5], 0.9, 0.1, 4) == [(5, 1.0)]
+    weights = piece_weights([5, 7, 5], 0.9, 0.1, 4)
     assert [t for t, _ in weights] == [5, 7]
     np.testing.assert_allclose([w for _, w in weights], [0.909 / 0.999, 0.09 / 0.999])
-    assert [t for t, _ in _piece_weights([1, 2, 3, 4], 1.0, 1.0, 2)] == [1, 2]  # ties: earlier pieces stay
+    assert [t for t, _ in piece_weights([1, 2, 3, 4], 1.0, 1.0, 2)] == [1, 2]  # ties: earlier pieces stay
 
 
 def test_special_tokens_map_by_role(W, student, teacher):

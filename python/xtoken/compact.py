@@ -27,10 +27,8 @@ import torch
 
 from .align import HFSpanTokenizer, SpanTokenizer, TokenSpans
 from .pieces import PieceTables
-from .projection import (
-    Projection, TokenTable, _decompose, _lowest_id_by_bytes, _pair_tensor, _quote, _role_matches,
-    _tokenizer_metadata,
-)  # fmt: skip
+from .projection import Projection, TokenTable
+from .rules import decompose, lowest_id_by_bytes, pair_tensor, quote, role_matches, tokenizer_metadata
 from .tokenizer import TokenizerAdapter, load_tokenizer
 
 __all__ = ["CompactTokenizer", "compact_vocabularies", "restrict_piece_tables", "restrict_projection", "spellings"]
@@ -99,7 +97,7 @@ class CompactTokenizer(TokenizerAdapter, SpanTokenizer):
 
     def _display(self, base_id: int) -> str:
         surface = self.base.surface_bytes[base_id]
-        return self.base.token_strings[base_id] if surface is None else _quote(surface)
+        return self.base.token_strings[base_id] if surface is None else quote(surface)
 
     @cached_property
     def token_strings(self) -> list[str | None]:
@@ -196,7 +194,7 @@ def spellings(source: Any, target: Any, ids: Iterable[int]) -> dict[int, list[in
     special tokens and unused ids: nothing. W's row and the piece-table row of the token are subsets."""
     source, target = load_tokenizer(source), load_tokenizer(target)
     ids = sorted(set(int(i) for i in ids))
-    by_bytes = _lowest_id_by_bytes(target.surface_bytes)
+    by_bytes = lowest_id_by_bytes(target.surface_bytes)
     surface = source.surface_bytes
     spelled: dict[int, list[int]] = {}
     unmatched = []
@@ -207,9 +205,9 @@ def spellings(source: Any, target: Any, ids: Iterable[int]) -> dict[int, list[in
             spelled[s] = [by_bytes[surface[s]]]
         else:
             unmatched.append(s)
-    pieces = _decompose([surface[s] for s in unmatched], target, by_bytes, len(target), len(target), False)
+    pieces = decompose([surface[s] for s in unmatched], target, by_bytes, len(target), len(target), False)
     spelled.update(zip(unmatched, pieces))
-    roles = _role_matches(source, target, len(source), len(target))
+    roles = role_matches(source, target, len(source), len(target))
     spelled.update({s: [roles[s]] for s in ids if s in roles})
     return spelled
 
@@ -275,8 +273,8 @@ def restrict_projection(
     new_idx, val = new_idx.gather(1, order), val.gather(1, order)
     metadata = {
         **projection.metadata,
-        **_tokenizer_metadata("student", student),
-        **_tokenizer_metadata("teacher", teacher),
+        **tokenizer_metadata("student", student),
+        **tokenizer_metadata("teacher", teacher),
         "dropped_entries": str(int(dropped.sum())),
     }  # fmt: skip
     vocabularies = projection.vocabularies
@@ -291,7 +289,7 @@ def restrict_projection(
             student=_restrict_table(vocabularies.student, student.ids),
             teacher=_restrict_table(vocabularies.teacher, teacher.ids),
             exact_match=exact.to(torch.int32),
-            raw_pairs=_pair_tensor(raw_s[keep].numpy(), raw_t[keep].numpy()),
+            raw_pairs=pair_tensor(raw_s[keep].numpy(), raw_t[keep].numpy()),
         )
     return Projection(new_idx.to(torch.int32), val.float(), teacher_vocab_size=len(teacher), metadata=metadata,
                       vocabularies=vocabularies)  # fmt: skip

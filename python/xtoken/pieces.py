@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .projection import _decompose, _logit_width, _lowest_id_by_bytes, _role_matches
+from .rules import decompose, logit_width, lowest_id_by_bytes, role_matches
 from .tokenizer import TokenizerAdapter, load_tokenizer
 
 __all__ = ["PieceTables", "DEFAULT_MAX_PIECES"]
@@ -33,7 +33,7 @@ def _piece_table(source: TokenizerAdapter, target: TokenizerAdapter, width: int,
     """int32 ``[width, max_pieces]``: each ``source`` token spelled in ``target`` tokens (below
     ``target_width``), -1 padded."""
     n_source, n_target = min(width, len(source)), min(target_width, len(target))
-    by_bytes = _lowest_id_by_bytes(target.surface_bytes[:n_target])
+    by_bytes = lowest_id_by_bytes(target.surface_bytes[:n_target])
     table = np.full((width, max_pieces), -1, dtype=np.int32)
     surface = source.surface_bytes
     unmatched = []
@@ -44,10 +44,10 @@ def _piece_table(source: TokenizerAdapter, target: TokenizerAdapter, width: int,
                 unmatched.append(s)
             else:
                 table[s, 0] = t
-    pieces = _decompose([surface[s] for s in unmatched], target, by_bytes, n_target, max_pieces, False)
+    pieces = decompose([surface[s] for s in unmatched], target, by_bytes, n_target, max_pieces, False)
     for s, token_pieces in zip(unmatched, pieces):
         table[s, : len(token_pieces)] = token_pieces
-    for s, t in _role_matches(source, target, n_source, n_target).items():
+    for s, t in role_matches(source, target, n_source, n_target).items():
         table[s] = -1
         table[s, 0] = t
     return torch.from_numpy(table)
@@ -165,8 +165,8 @@ class PieceTables:
         if not (isinstance(max_pieces, int) and not isinstance(max_pieces, bool) and max_pieces >= 1):
             raise ValueError(f"max_pieces: expected an int >= 1, got {max_pieces!r}")
         student, teacher = load_tokenizer(student_tokenizer), load_tokenizer(teacher_tokenizer)
-        v_s = _logit_width(student, student_vocab_size, "student_vocab_size")
-        v_t = _logit_width(teacher, teacher_vocab_size, "teacher_vocab_size")
+        v_s = logit_width(student, student_vocab_size, "student_vocab_size")
+        v_t = logit_width(teacher, teacher_vocab_size, "teacher_vocab_size")
         student_table = _piece_table(student, teacher, v_s, v_t, max_pieces)
         teacher_table = _piece_table(teacher, student, v_t, v_s, max_pieces) if mirror else None
         return cls(student_table, teacher_table)

@@ -5,18 +5,16 @@ W is stored as ELL: ``idx [V_s, P]`` (int32 teacher ids, -1 = empty slot) and ``
 (``col_ptr [V_t + 1]``, ``col_src``, ``col_val``), built once here, so that both ``W^T p`` and ``W g``
 are gathers: no atomics, deterministic results.
 
-:meth:`Projection.build` makes W from two tokenizers (exact pass, decomposition pass, special-token
-roles; SPEC.md §5) row by row, never as a dense matrix. A built W keeps what the common pairs and the
-coverage audit need (:class:`Vocabularies`), and saves it with W in one safetensors file.
+:meth:`Projection.build` makes W from two tokenizers with the string rules of :mod:`xtoken.rules` (exact
+pass, decomposition pass, special-token roles; SPEC.md §5) row by row, never as a dense matrix. A built W
+keeps what the common pairs and the coverage audit (:mod:`xtoken.audit`) need (:class:`Vocabularies`), and
+saves it with W in one safetensors file.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checks
-from .tokenizer import ROLES, TokenizerAdapter, load_tokenizer
+from . import checks, rules
+from .audit import AuditRow, ProjectionAudit, coverage_audit
+from .tokenizer import TokenizerAdapter, load_tokenizer
 
 __all__ = ["AuditRow", "Projection", "ProjectionAudit", "ProjectionColumns", "TokenTable", "Vocabularies"]
 
@@ -93,7 +92,7 @@ class TokenTable:
             return self.texts[token_id].decode("utf-8", "replace")
         if self.kinds[token_id] == self.UNUSED:
             return "(unused id)"
-        return _quote(self.texts[token_id])
+        return rules.quote(self.texts[token_id])
 
     def find(self, text: str) -> list[int]:
         """Ids whose surface text (or special-token name) is ``text``."""
@@ -130,22 +129,6 @@ class TokenTable:
         if len(kinds) != len(offsets) - 1:
             raise ValueError(f"{names[2]}: {len(kinds)} kinds for {len(offsets) - 1} tokens")
         return cls([flat[a:b] for a, b in itertools.pairwise(offsets)], kinds)
-
-
-def _quote(text: bytes) -> str:
-    """``text`` in double quotes, with escapes for control characters, quotes, backslashes and bytes that
-    are not valid UTF-8 (``\\xNN``)."""
-    out = []
-    for c in text.decode("utf-8", "surrogateescape"):
-        if "\udc80" <= c <= "\udcff":
-            out.append(f"\\x{ord(c) - 0xDC00:02x}")
-        elif c in '"\\':
-            out.append("\\" + c)
-        elif c.isprintable():
-            out.append(c)
-        else:
-            out.append(c.encode("unicode_escape").decode("ascii"))
-    return '"' + "".join(out) + '"'
 
 
 @dataclass(frozen=True)
@@ -481,44 +464,21 @@ class Projection:
                 cut off trailing special tokens.
             progress: show a progress bar over the decomposition pass.
         """
-        _check_build_options(top_k, beta, gamma, max_pieces)
+        rules.check_build_options(top_k, beta, gamma, max_pieces)
         student, teacher = load_tokenizer(student_tokenizer), load_tokenizer(teacher_tokenizer)
-        v_s = _logit_width(student, student_vocab_size, "student_vocab_size")
-        v_t = _logit_width(teacher, teacher_vocab_size, "teacher_vocab_size")
+        v_s = rules.logit_width(student, student_vocab_size, "student_vocab_size")
+        v_t = rules.logit_width(teacher, teacher_vocab_size, "teacher_vocab_size")
         n_s, n_t = min(v_s, len(student)), min(v_t, len(teacher))
-        teacher_by_bytes = _lowest_id_by_bytes(teacher.surface_bytes[:n_t])
 
-        surface = student.surface_bytes
-        exact = np.full(v_s, -1, dtype=np.int32)
-        unmatched = []
-        for s in range(n_s):
-            if surface[s]:
-                t = teacher_by_bytes.get(surface[s])
-                if t is None:
-                    unmatched.append(s)
-                else:
-                    exact[s] = t
-        idx = np.full((v_s, top_k), -1, dtype=np.int32)
-        val = np.zeros((v_s, top_k), dtype=np.float32)
-        matched = exact >= 0
-        idx[matched, 0], val[matched, 0] = exact[matched], 1.0
-
-        pieces = _decompose(
-            [surface[s] for s in unmatched], teacher, teacher_by_bytes, n_t, max_pieces, progress
-        )
-        for s, token_pieces in zip(unmatched, pieces):
-            for slot, (t, weight) in enumerate(_piece_weights(token_pieces, beta, gamma, top_k)):
-                idx[s, slot], val[s, slot] = t, weight
-        for s, t in _role_matches(student, teacher, n_s, n_t).items():
-            idx[s, 0], val[s, 0] = t, 1.0
-
+        idx, val, exact = rules.fill_rows(student, teacher, v_s, n_s, n_t, top_k=top_k, beta=beta, gamma=gamma,
+                                          max_pieces=max_pieces, progress=progress)
         vocabularies = Vocabularies(
             TokenTable.from_tokenizer(student, n_s), TokenTable.from_tokenizer(teacher, n_t),
-            torch.from_numpy(exact), _raw_pairs(student, teacher, n_s, n_t),
+            torch.from_numpy(exact), rules.raw_pairs(student, teacher, n_s, n_t),
         )  # fmt: skip
         metadata = {
-            **_tokenizer_metadata("student", student),
-            **_tokenizer_metadata("teacher", teacher),
+            **rules.tokenizer_metadata("student", student),
+            **rules.tokenizer_metadata("teacher", teacher),
             "top_k": str(top_k),
             "beta": repr(float(beta)),
             "gamma": repr(float(gamma)),
@@ -563,7 +523,7 @@ class Projection:
         students = np.flatnonzero(exact >= 0)
         _, first = np.unique(exact[students], return_index=True)  # students ascend: the first is the lowest
         students = students[np.sort(first)]
-        return _pair_tensor(students, exact[students])
+        return rules.pair_tensor(students, exact[students])
 
     def _relaxed_pairs(self, threshold: float) -> torch.Tensor:
         if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
@@ -583,7 +543,7 @@ class Projection:
         order = np.lexsort((students, ~exact, -weights, teachers))  # by teacher, then the claim's rank
         sorted_teachers = teachers[order]
         winners = np.sort(order[np.r_[True, sorted_teachers[1:] != sorted_teachers[:-1]]])
-        return _pair_tensor(students[winners], teachers[winners])
+        return rules.pair_tensor(students[winners], teachers[winners])
 
     def _require_vocabularies(self, what: str) -> Vocabularies:
         if self.vocabularies is None:
@@ -597,23 +557,7 @@ class Projection:
     def audit(self, threshold: float = RELAXED_THRESHOLD) -> "ProjectionAudit":
         """Coverage of the student vocabulary by token class: how many tokens of each class are in the exact
         pairs, in the relaxed pairs (at ``threshold``) and mapped by W, with a loss recommendation."""
-        vocabularies = self._require_vocabularies("audit()")
-        in_exact = np.zeros(self.student_vocab_size, dtype=bool)
-        in_exact[self.common_pairs("exact")[:, 0].numpy()] = True
-        in_relaxed = np.zeros(self.student_vocab_size, dtype=bool)
-        in_relaxed[self.common_pairs("relaxed", threshold)[:, 0].numpy()] = True
-        mapped = (self.idx >= 0).any(dim=1).cpu().numpy()
-        counts = {name: [0, 0, 0, 0] for name in AUDIT_CLASSES}
-        table = vocabularies.student
-        for s, (text, kind) in enumerate(zip(table.texts, table.kinds)):
-            if kind != TokenTable.UNUSED:
-                count = counts[_token_class(text, kind == TokenTable.SPECIAL)]
-                count[0] += 1
-                count[1] += in_exact[s]
-                count[2] += in_relaxed[s]
-                count[3] += mapped[s]
-        rows = tuple(AuditRow(name, *map(int, counts[name])) for name in AUDIT_CLASSES)
-        return ProjectionAudit(rows, threshold, *_recommend(rows))
+        return coverage_audit(self, threshold)
 
     # ------------------------------------------------------------------ saving and loading
     def save(self, path: str | Any) -> None:
@@ -700,262 +644,3 @@ class Projection:
                     f"{adapter.vocab_hash[:16]}) is not the one W was built for: {built_for!r} ({size} ids, "
                     f"vocabulary hash {expected[:16]})"
                 )
-
-
-# ---------------------------------------------------------------------- build helpers
-DECOMPOSITION_BATCH = 4096
-
-
-def _check_build_options(top_k: int, beta: float, gamma: float, max_pieces: int) -> None:
-    if not (isinstance(top_k, int) and top_k >= 1):
-        raise ValueError(f"top_k: expected an integer >= 1, got {top_k!r}")
-    if not (isinstance(max_pieces, int) and max_pieces >= 1):
-        raise ValueError(f"max_pieces: expected an integer >= 1, got {max_pieces!r}")
-    if not (isinstance(beta, (int, float)) and 0 < beta < float("inf")):
-        raise ValueError(f"beta: expected a finite number > 0, got {beta!r}")
-    if not (isinstance(gamma, (int, float)) and 0 <= gamma < float("inf")):
-        raise ValueError(f"gamma: expected a finite number >= 0, got {gamma!r}")
-
-
-def _logit_width(tokenizer: TokenizerAdapter, width: int | None, name: str) -> int:
-    """The logit width W covers: by default the tokenizer's size; a smaller width may cut off special tokens
-    only."""
-    if width is None:
-        return len(tokenizer)
-    if not (isinstance(width, int) and width >= 1):
-        raise ValueError(f"{name}: expected an integer >= 1, got {width!r}")
-    surface = tokenizer.surface_bytes
-    cut = next((i for i in range(width, len(tokenizer)) if surface[i] is not None), None)
-    if cut is not None:
-        raise ValueError(
-            f"{name}={width} is smaller than {tokenizer.name}'s {len(tokenizer)} ids and would cut "
-            f"off the regular token {cut} {_quote(surface[cut])}; only trailing special tokens may "
-            "lie beyond the logit width"
-        )
-    return width
-
-
-def _lowest_id_by_bytes(surface: Sequence[bytes | None]) -> dict[bytes, int]:
-    by_bytes: dict[bytes, int] = {}
-    for i, text in enumerate(surface):
-        if text:
-            by_bytes.setdefault(text, i)
-    return by_bytes
-
-
-def _text_runs(text: bytes) -> list[str | int]:
-    """``text`` as maximal runs of valid UTF-8 (``str``) and the bytes that are not valid UTF-8 on their
-    own (``int``), in order."""
-    runs: list[str | int] = []
-    for part in re.split("([\udc80-\udcff])", text.decode("utf-8", "surrogateescape")):
-        if len(part) == 1 and "\udc80" <= part <= "\udcff":
-            runs.append(ord(part) - 0xDC00)
-        elif part:
-            runs.append(part)
-    return runs
-
-
-def _decompose(
-    texts: list[bytes],
-    teacher: TokenizerAdapter,
-    teacher_by_bytes: dict[bytes, int],
-    n_t: int,
-    max_pieces: int,
-    progress: bool,
-) -> list[list[int]]:
-    """Per student token text, its first ``max_pieces`` teacher pieces. Valid UTF-8 runs are encoded by the
-    teacher in batches (a run the teacher encodes to nothing falls back to its bytes); a byte that is not
-    valid UTF-8 on its own becomes the teacher's token for that byte."""
-    from tqdm import tqdm
-
-    runs = [_text_runs(text) for text in texts]
-    fragments = [run for token_runs in runs for run in token_runs if isinstance(run, str)]
-    encoded: list[list[int]] = []
-    with tqdm(total=len(fragments), desc="decomposition pass", unit="token", disable=not progress) as bar:
-        for start in range(0, len(fragments), DECOMPOSITION_BATCH):
-            batch = fragments[start : start + DECOMPOSITION_BATCH]
-            encoded.extend(teacher.encode_fragments(batch))
-            bar.update(len(batch))
-    next_encoding = iter(encoded)
-
-    def byte_pieces(data: bytes) -> list[int]:
-        return [teacher_by_bytes[b] for b in (bytes([x]) for x in data) if b in teacher_by_bytes]
-
-    decompositions = []
-    for token_runs in runs:
-        pieces: list[int] = []
-        for run in token_runs:
-            if isinstance(run, str):
-                pieces += next(next_encoding) or byte_pieces(run.encode("utf-8"))
-            else:
-                pieces += byte_pieces(bytes([run]))
-        decompositions.append([t for t in pieces if t < n_t][:max_pieces])
-    return decompositions
-
-
-def _piece_weights(pieces: list[int], beta: float, gamma: float, top_k: int) -> list[tuple[int, float]]:
-    """(teacher id, weight) for a decomposition: piece i gets beta * gamma**i, repeats add up, the top_k
-    largest stay (earlier pieces win ties) and are renormalized to sum 1."""
-    weights: dict[int, float] = {}
-    for i, t in enumerate(pieces):
-        weights[t] = weights.get(t, 0.0) + beta * gamma**i
-    kept = sorted((item for item in weights.items() if item[1] > 0), key=lambda item: -item[1])[:top_k]
-    total = sum(w for _, w in kept)
-    return [(t, w / total) for t, w in kept]
-
-
-def _role_matches(student: TokenizerAdapter, teacher: TokenizerAdapter, n_s: int, n_t: int) -> dict[int, int]:
-    """Student special token -> teacher token of the same role (bos, eos, pad, unk; the first role wins)."""
-    matches: dict[int, int] = {}
-    for role in ROLES:
-        s, t = student.roles.get(role), teacher.roles.get(role)
-        if s is not None and t is not None and s < n_s and t < n_t and s in student.special_ids:
-            matches.setdefault(s, t)
-    return matches
-
-
-def _raw_pairs(student: TokenizerAdapter, teacher: TokenizerAdapter, n_s: int, n_t: int) -> torch.Tensor:
-    """TRL's vocabulary mapping: teacher and student tokens with the same ``get_vocab()`` string."""
-    student_vocab = student.get_vocab()
-    pairs = sorted(
-        (student_vocab[token], t)
-        for token, t in teacher.get_vocab().items()
-        if token in student_vocab and student_vocab[token] < n_s and t < n_t
-    )
-    return _pair_tensor(
-        np.array([s for s, _ in pairs], dtype=np.int64), np.array([t for _, t in pairs], dtype=np.int64)
-    )
-
-
-def _pair_tensor(students: np.ndarray, teachers: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.stack([students, teachers], axis=1).astype(np.int32).reshape(-1, 2))
-
-
-def _tokenizer_metadata(side: str, tokenizer: TokenizerAdapter) -> dict[str, str]:
-    return {
-        f"{side}_tokenizer": tokenizer.name,
-        f"{side}_vocab_hash": tokenizer.vocab_hash,
-        f"{side}_tokenizer_size": str(len(tokenizer)),
-        f"{side}_roles": json.dumps(tokenizer.roles, sort_keys=True),
-    }
-
-
-# ---------------------------------------------------------------------- coverage audit
-AUDIT_CLASSES = (
-    "numeral, 1 digit",
-    "numeral, 2 digits",
-    "numeral, 3 digits",
-    "word",
-    "space + word",
-    "punctuation",
-    "whitespace",
-    "multi-byte",
-    "other",
-    "special",
-)
-_ASCII_PUNCTUATION = frozenset(string.punctuation.encode("ascii"))
-
-
-def _token_class(text: bytes, special: bool) -> str:
-    """The audit class of a student token: ASCII digits (1-3), ASCII letters with or without one leading
-    space, ASCII punctuation only, ASCII whitespace only, any non-ASCII byte, other, or special."""
-    if special:
-        return "special"
-    if text.isdigit() and len(text) <= 3:  # bytes.isdigit / isalpha / isspace are ASCII-only
-        return AUDIT_CLASSES[len(text) - 1]
-    if text.isalpha():
-        return "word"
-    if text[:1] == b" " and text[1:].isalpha():
-        return "space + word"
-    if text and all(b in _ASCII_PUNCTUATION for b in text):
-        return "punctuation"
-    if text.isspace():
-        return "whitespace"
-    if any(b >= 0x80 for b in text):
-        return "multi-byte"
-    return "other"
-
-
-@dataclass(frozen=True)
-class AuditRow:
-    """One token class: how many student tokens it has, and how many are in the exact pairs, in the relaxed
-    pairs and mapped by W (a non-empty row)."""
-
-    name: str
-    tokens: int
-    exact: int
-    relaxed: int
-    mapped: int
-
-
-@dataclass(frozen=True)
-class ProjectionAudit:
-    """The coverage audit of a W (:meth:`Projection.audit`). ``str()`` gives the printed table.
-
-    Attributes:
-        rows: one :class:`AuditRow` per class, in :data:`AUDIT_CLASSES` order.
-        threshold: the relaxed-pair threshold used.
-        recommendation: X-Token's choice, ``"pkl"`` or ``"hkl"`` (the paper's rule, SPEC.md §5).
-        reason: why, in one sentence.
-    """
-
-    rows: tuple[AuditRow, ...]
-    threshold: float
-    recommendation: str
-    reason: str
-
-    @property
-    def teacher_loss(self) -> str:
-        """The loss ``xtoken.Teacher(loss="auto")`` trains with: the chain KL (``"chain"``) where the audit
-        recommends P-KL because the teacher spells in pieces what the student packs (most 2- and 3-digit
-        numerals without an exact match), H-KL otherwise. In xtoken's study (README, Demo) the chain KL beat CE
-        only on such a pair, where P-KL and GOLD fell far below it."""
-        return "chain" if self.recommendation == "pkl" else self.recommendation
-
-    def __getitem__(self, name: str) -> AuditRow:
-        for row in self.rows:
-            if row.name == name:
-                return row
-        raise KeyError(f"no audit class {name!r}; the classes are {AUDIT_CLASSES}")
-
-    @property
-    def total(self) -> AuditRow:
-        return AuditRow(
-            "total",
-            *(sum(getattr(r, f) for r in self.rows) for f in ("tokens", "exact", "relaxed", "mapped")),
-        )
-
-    def __str__(self) -> str:
-        header = ("class", "tokens", "exact", f"relaxed@{self.threshold:g}", "mapped")
-        lines = [f"{header[0]:<18}" + "".join(f"{h:>14}" for h in header[1:])]
-        for row in (*self.rows, self.total):
-            if row.name == "total":
-                lines.append("-" * len(lines[0]))
-            lines.append(
-                f"{row.name:<18}"
-                + "".join(f"{n:>14,}" for n in (row.tokens, row.exact, row.relaxed, row.mapped))
-            )
-        lines.append(f"recommendation: {self.recommendation} ({self.reason})")
-        if self.teacher_loss != self.recommendation:
-            lines.append(f"trainer (Teacher(loss='auto')): {self.teacher_loss} (the chain KL teaches the whole "
-                         "spelling of what the teacher splits; see the README's demo study)")
-        return "\n".join(lines)
-
-
-def _recommend(rows: tuple[AuditRow, ...]) -> tuple[str, str]:
-    """P-KL when most 2- and 3-digit numerals have no exact pair (SPEC.md §5), H-KL otherwise."""
-    numerals = [row for row in rows if row.name in ("numeral, 2 digits", "numeral, 3 digits")]
-    total = sum(row.tokens for row in numerals)
-    if total == 0:
-        return (
-            "hkl",
-            "the student vocabulary has no 2- or 3-digit numeral tokens, so the exact pairs lose no numerals",
-        )
-    outside = total - sum(row.exact for row in numerals)
-    share = f"{outside:,} of {total:,} 2- and 3-digit numerals ({outside / total:.0%})"
-    if outside > total / 2:
-        return "pkl", (
-            f"{share} have no exact teacher match; H-KL's common-pair term would miss them, P-KL "
-            "sends their mass to the teacher's digit pieces through W"
-        )
-    return "hkl", f"only {share} lack an exact teacher match, so H-KL's common pairs cover the numerals"
