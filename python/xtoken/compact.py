@@ -28,7 +28,7 @@ import torch
 from .align import HFSpanTokenizer, SpanTokenizer, TokenSpans
 from .pieces import PieceTables
 from .projection import Projection, TokenTable
-from .rules import decompose, lowest_id_by_bytes, pair_tensor, quote, role_matches, tokenizer_metadata
+from .rules import pair_tensor, quote, spell, tokenizer_metadata
 from .tokenizer import TokenizerAdapter, load_tokenizer
 
 __all__ = ["CompactTokenizer", "compact_vocabularies", "restrict_piece_tables", "restrict_projection", "spellings"]
@@ -194,21 +194,11 @@ def spellings(source: Any, target: Any, ids: Iterable[int]) -> dict[int, list[in
     special tokens and unused ids: nothing. W's row and the piece-table row of the token are subsets."""
     source, target = load_tokenizer(source), load_tokenizer(target)
     ids = sorted(set(int(i) for i in ids))
-    by_bytes = lowest_id_by_bytes(target.surface_bytes)
-    surface = source.surface_bytes
-    spelled: dict[int, list[int]] = {}
-    unmatched = []
-    for s in ids:
-        if not surface[s]:
-            spelled[s] = []
-        elif surface[s] in by_bytes:
-            spelled[s] = [by_bytes[surface[s]]]
-        else:
-            unmatched.append(s)
-    pieces = decompose([surface[s] for s in unmatched], target, by_bytes, len(target), len(target), False)
-    spelled.update(zip(unmatched, pieces))
-    roles = role_matches(source, target, len(source), len(target))
-    spelled.update({s: [roles[s]] for s in ids if s in roles})
+    found = spell(source, target, ids, len(source), len(target), len(target))
+    spelled: dict[int, list[int]] = {s: [] for s in ids}
+    spelled.update({s: [t] for s, t in found.exact.items()})
+    spelled.update(found.pieces)
+    spelled.update({s: [found.roles[s]] for s in ids if s in found.roles})
     return spelled
 
 

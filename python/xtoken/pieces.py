@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .rules import decompose, logit_width, lowest_id_by_bytes, role_matches
+from .rules import logit_width, spell
 from .tokenizer import TokenizerAdapter, load_tokenizer
 
 __all__ = ["PieceTables", "DEFAULT_MAX_PIECES"]
@@ -33,21 +33,13 @@ def _piece_table(source: TokenizerAdapter, target: TokenizerAdapter, width: int,
     """int32 ``[width, max_pieces]``: each ``source`` token spelled in ``target`` tokens (below
     ``target_width``), -1 padded."""
     n_source, n_target = min(width, len(source)), min(target_width, len(target))
-    by_bytes = lowest_id_by_bytes(target.surface_bytes[:n_target])
+    spelled = spell(source, target, range(n_source), n_source, n_target, max_pieces)
     table = np.full((width, max_pieces), -1, dtype=np.int32)
-    surface = source.surface_bytes
-    unmatched = []
-    for s in range(n_source):
-        if surface[s]:
-            t = by_bytes.get(surface[s])
-            if t is None:
-                unmatched.append(s)
-            else:
-                table[s, 0] = t
-    pieces = decompose([surface[s] for s in unmatched], target, by_bytes, n_target, max_pieces, False)
-    for s, token_pieces in zip(unmatched, pieces):
+    for s, t in spelled.exact.items():
+        table[s, 0] = t
+    for s, token_pieces in spelled.pieces.items():
         table[s, : len(token_pieces)] = token_pieces
-    for s, t in role_matches(source, target, n_source, n_target).items():
+    for s, t in spelled.roles.items():
         table[s] = -1
         table[s, 0] = t
     return torch.from_numpy(table)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -167,6 +168,46 @@ def tokenizer_metadata(side: str, tokenizer: TokenizerAdapter) -> dict[str, str]
     }
 
 
+@dataclass(frozen=True)
+class Spellings:
+    """Source tokens spelled in target tokens by W's rules: ``exact[s]``, the lowest target token with the
+    same surface bytes; ``pieces[s]``, the first pieces of the re-encoding of any other token with text;
+    ``roles[s]``, the target token of a special token's role (it overrides the other two). A token with no
+    text is in none of them."""
+
+    exact: dict[int, int]
+    pieces: dict[int, list[int]]
+    roles: dict[int, int]
+
+
+def spell(
+    source: TokenizerAdapter,
+    target: TokenizerAdapter,
+    ids: Iterable[int],
+    n_source: int,
+    n_target: int,
+    max_pieces: int,
+    progress: bool = False,
+) -> Spellings:
+    """:class:`Spellings` of the source ``ids`` (below ``n_source``) in the first ``n_target`` target
+    tokens, at most ``max_pieces`` pieces each: the exact pass, the decomposition pass and the roles of
+    SPEC.md §5."""
+    by_bytes = lowest_id_by_bytes(target.surface_bytes[:n_target])
+    surface = source.surface_bytes
+    exact: dict[int, int] = {}
+    unmatched = []
+    for s in ids:
+        if surface[s]:
+            t = by_bytes.get(surface[s])
+            if t is None:
+                unmatched.append(s)
+            else:
+                exact[s] = t
+    decomposed = decompose([surface[s] for s in unmatched], target, by_bytes, n_target, max_pieces, progress)
+    roles = role_matches(source, target, n_source, n_target)
+    return Spellings(exact, dict(zip(unmatched, decomposed)), roles)
+
+
 def fill_rows(
     student: TokenizerAdapter,
     teacher: TokenizerAdapter,
@@ -183,26 +224,16 @@ def fill_rows(
     """W's rows ``(idx [v_s, top_k], val [v_s, top_k], exact [v_s])`` over the first ``n_s`` student and
     ``n_t`` teacher ids (:meth:`xtoken.projection.Projection.build` documents the three passes);
     ``exact[s]`` is the exact pass's teacher id of student token ``s`` (-1: none)."""
-    teacher_by_bytes = lowest_id_by_bytes(teacher.surface_bytes[:n_t])
-    surface = student.surface_bytes
+    spelled = spell(student, teacher, range(n_s), n_s, n_t, max_pieces, progress)
     exact = np.full(v_s, -1, dtype=np.int32)
-    unmatched = []
-    for s in range(n_s):
-        if surface[s]:
-            t = teacher_by_bytes.get(surface[s])
-            if t is None:
-                unmatched.append(s)
-            else:
-                exact[s] = t
     idx = np.full((v_s, top_k), -1, dtype=np.int32)
     val = np.zeros((v_s, top_k), dtype=np.float32)
-    matched = exact >= 0
-    idx[matched, 0], val[matched, 0] = exact[matched], 1.0
-
-    pieces = decompose([surface[s] for s in unmatched], teacher, teacher_by_bytes, n_t, max_pieces, progress)
-    for s, token_pieces in zip(unmatched, pieces):
+    for s, t in spelled.exact.items():
+        exact[s] = idx[s, 0] = t
+        val[s, 0] = 1.0
+    for s, token_pieces in spelled.pieces.items():
         for slot, (t, weight) in enumerate(piece_weights(token_pieces, beta, gamma, top_k)):
             idx[s, slot], val[s, slot] = t, weight
-    for s, t in role_matches(student, teacher, n_s, n_t).items():
+    for s, t in spelled.roles.items():
         idx[s, 0], val[s, 0] = t, 1.0
     return idx, val, exact
