@@ -328,12 +328,11 @@ def _row_gemm(rows: torch.Tensor, weight: torch.Tensor, transpose: bool) -> torc
     On the CPU in float32, MKL is slow when the few block rows are the GEMM's outer operand and the wide weight
     the packed one (128 rows against a 128,256 x 2,048 head: 1.3x to 2x the time per row of a 2,048-row GEMM on
     a 2-core AMD EPYC), so the product is computed transposed, with the weight as the wide outer operand, and
-    laid out row-major again (a copy of the block's size): the benchmark's fused P-KL forward+backward at 128-row
-    blocks took 11% less time (78.3 -> 69.8 s and 88.5 -> 78.8 s, alternated in one process). Elsewhere
-    (cuBLAS, bf16 GEMMs) the plain product."""
+    returned as its transposed view (the caller lays it out row-major where a kernel needs that): the
+    benchmark's fused P-KL forward+backward at 128-row blocks took 11% less time (78.3 -> 69.8 s and 88.5 ->
+    78.8 s, alternated in one process). Elsewhere (cuBLAS, bf16 GEMMs) the plain product."""
     if rows.device.type == "cpu" and rows.dtype == torch.float32:
-        product = torch.mm(weight, rows.t()) if transpose else torch.mm(weight.t(), rows.t())
-        return product.t().contiguous()
+        return (torch.mm(weight, rows.t()) if transpose else torch.mm(weight.t(), rows.t())).t()
     return torch.mm(rows, weight.t() if transpose else weight)
 
 
@@ -341,7 +340,7 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """``F.linear(hidden, weight, bias)`` for a block of rows (see :func:`_row_gemm`)."""
     if not (hidden.device.type == "cpu" and hidden.dtype == torch.float32):
         return F.linear(hidden, weight, bias)
-    logits = _row_gemm(hidden, weight, transpose=True)
+    logits = _row_gemm(hidden, weight, transpose=True).contiguous()  # the loss kernels read rows
     return logits if bias is None else logits.add_(bias)
 
 
