@@ -303,6 +303,31 @@ def test_nan_logits_give_nan_loss(device):
     assert torch.isnan(loss[0]) and not torch.isnan(loss[2:]).any()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_in_a_conditioned_row_gives_nan_loss(device):
+    # Level 0 conditions a chunk's whole student row (a teacher-side chunk) or teacher row (an M:1 chunk): a NaN
+    # anywhere in it reaches that chunk's loss, through the row's max, and no other chunk's.
+    zs, zt, chunks, pieces, ts, tt = make_case(device=device, one_to_one=1.0)
+    s0 = int(chunks[0, 0])
+    zs[s0, 60] = float("nan")
+    loss = xtoken.chain_loss(zs, zt, chunks, pieces, reduction="none", student_targets=ts, teacher_targets=tt)
+    uses_row = (chunks[:, 0] <= s0) & (s0 < chunks[:, 1])
+    assert torch.isnan(loss[uses_row]).all() and not torch.isnan(loss[~uses_row]).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_logits_match_reference(device):
+    # Logits masked to -inf (tokens a model may not emit) on both sides, one student row masked everywhere but
+    # one token: the whole-row and range passes skip them alike, finite values, gradients match the reference.
+    zs, zt, chunks, pieces, ts, tt = make_case(device=device, mirror=True)
+    zs[:, ::3] = float("-inf")
+    zt[:, 1::4] = float("-inf")
+    zs[int(chunks[0, 0]), 1:] = float("-inf")
+    loss, grad, ref, ref_grad = kernel_and_reference(zs, zt, chunks, pieces, ts, tt)
+    assert torch.isfinite(loss).all() and not torch.isnan(grad).any()
+    assert rel_error(loss.cpu(), ref) <= 1e-5 and rel_error(grad.cpu(), ref_grad) <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------ piece tables
 
 

@@ -58,12 +58,18 @@ struct ChainCpu {
 
   // Thread-private buffers: piece flags and r per piece (over the plain side's vocabulary), the runs, and the
   // gradient of the student row of a teacher-side chunk.
+  // A level over a whole row (depth 0) also uses e, the row's exps by token, and r_tok, r by token.
   struct Work {
     std::vector<uint8_t> flags;
-    std::vector<A> r_of, g;
+    std::vector<A> r_of, g, e, r_tok;
     std::vector<Run> runs;
-    Work(int64_t V_s, int64_t V_t) : flags(std::max(V_s, V_t), 0), r_of(V_s), g(V_s) {}
+    Work(int64_t V_s, int64_t V_t)
+        : flags(std::max(V_s, V_t), 0), r_of(V_s), g(V_s), e(std::max(V_s, V_t)), r_tok(V_s) {}
   };
+
+  // Whether the level's range is the whole conditioned row (depth 0): its max and exps then run over the row
+  // contiguously (vectorized) instead of through the sorted order, with the same values.
+  static bool whole_row(const ChainLevel& lv, const PieceTableView& tab) { return lv.lo == 0 && lv.hi == tab.V; }
 
   const PieceTableView& table(const ChainLevel& lv) const {
     return lv.teacher_side ? p.student_pieces : p.teacher_pieces;
@@ -82,18 +88,29 @@ struct ChainCpu {
   A level_terms(const ChainLevel& lv, Work& w, A& shift, A& log_total, A& R, A& r_end) const {
     const PieceTableView& tab = table(lv);
     const T* zc = cond_row(lv);
+    const bool whole = whole_row(lv, tab);
     A mx = -std::numeric_limits<A>::infinity();
-    for (int64_t r = lv.lo; r < lv.hi; ++r) {
-      const A x = cpu_math::load<A>(zc[tab.order[r]]);
-      mx = (x > mx || x != x) ? x : mx;  // NaN propagates
+    if (whole) {
+      mx = row_max_or_nan<T, A>(zc, tab.V);
+    } else {
+      for (int64_t r = lv.lo; r < lv.hi; ++r) {
+        const A x = cpu_math::load<A>(zc[tab.order[r]]);
+        mx = (x > mx || x != x) ? x : mx;  // NaN propagates
+      }
     }
     if (mx == -std::numeric_limits<A>::infinity()) mx = 0;  // every token of the range impossible
+    A* ex = w.e.data();
+    if (whole) {
+#pragma omp simd
+      for (int64_t v = 0; v < tab.V; ++v) ex[v] = cpu_math::exp(scaled_shift(cpu_math::load<A>(zc[v]), mx, inv_tau));
+    }
     w.runs.clear();
     double total = 0;
-    for (int64_t r = lv.lo; r < lv.hi; ++r) {
+    for (int64_t r = lv.lo; r < lv.hi; ++r) {  // in sorted-row order, whichever way the exps came
       const int32_t piece = tab.pieces[r * tab.L + lv.depth];
       if (w.runs.empty() || w.runs.back().piece != piece) w.runs.push_back({piece, r, r, 0.0, A(0)});
-      const A e = cpu_math::exp(scaled_shift(cpu_math::load<A>(zc[tab.order[r]]), mx, inv_tau));
+      const int32_t v = tab.order[r];
+      const A e = whole ? ex[v] : cpu_math::exp(scaled_shift(cpu_math::load<A>(zc[v]), mx, inv_tau));
       w.runs.back().end = r + 1;
       w.runs.back().sum += e;
       total += e;
@@ -176,12 +193,27 @@ struct ChainCpu {
       if (lv.teacher_side) {
         const PieceTableView& tab = table(lv);
         const T* zc = cond_row(lv);
-        for (const Run& run : w.runs) {
-          for (int64_t r = run.begin; r < run.end; ++r) {
-            const int32_t v = tab.order[r];
+        if (whole_row(lv, tab)) {  // r by token, then one contiguous pass over the row
+          A* r_tok = w.r_tok.data();
+          for (const Run& run : w.runs) {
+            for (int64_t r = run.begin; r < run.end; ++r) r_tok[tab.order[r]] = run.r;
+          }
+          A* g = w.g.data();
+          const bool first = lv.depth == 0;
+#pragma omp simd
+          for (int64_t v = 0; v < tab.V; ++v) {
             const A pi = cpu_math::exp(scaled_shift(cpu_math::load<A>(zc[v]), shift, inv_tau) - log_total);
-            const A g = scale * pi * (R - run.r);
-            w.g[v] = lv.depth == 0 ? g : w.g[v] + g;
+            const A gv = scale * pi * (R - r_tok[v]);
+            g[v] = first ? gv : g[v] + gv;
+          }
+        } else {
+          for (const Run& run : w.runs) {
+            for (int64_t r = run.begin; r < run.end; ++r) {
+              const int32_t v = tab.order[r];
+              const A pi = cpu_math::exp(scaled_shift(cpu_math::load<A>(zc[v]), shift, inv_tau) - log_total);
+              const A g = scale * pi * (R - run.r);
+              w.g[v] = lv.depth == 0 ? g : w.g[v] + g;
+            }
           }
         }
       } else {

@@ -51,6 +51,20 @@ A row_max(const T* z, int64_t V) {
   return m;
 }
 
+// max(z) of one row, or NaN if the row holds one (the max of a sequential scan that keeps a NaN once seen).
+template <typename T, typename A>
+A row_max_or_nan(const T* z, int64_t V) {
+  A m = -std::numeric_limits<A>::infinity();
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t v = 0; v < V; ++v) {
+    const A x = cpu_math::load<A>(z[v]);
+    m = x > m ? x : m;
+    nan |= x != x;
+  }
+  return nan ? std::numeric_limits<A>::quiet_NaN() : m;
+}
+
 // logsumexp(z * inv_tau) of one row, as (max, log_sum).
 template <typename T, typename A>
 RowLse<A> row_lse(const T* z, int64_t V, A inv_tau) {
