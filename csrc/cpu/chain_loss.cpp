@@ -15,7 +15,9 @@
 // and dL/dz = dL/da / tau. A teacher-side chunk's levels all sum into the student row s0; a student-side level
 // writes its own row s0 + j.
 // Work split: one chunk at a time per OpenMP thread (dynamic schedule), thread-private buffers; the bucket sums
-// run in sorted-row order, so results do not depend on the thread count.
+// run in sorted-row order, so results do not depend on the thread count. A level over a whole row (depth 0, most
+// of the work) takes the row's max and exps, and in the backward its gradient, in contiguous vectorized passes;
+// the exps are the values the sorted-order pass would compute, and the sums keep their order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -110,7 +112,8 @@ struct ChainCpu {
       const int32_t piece = tab.pieces[r * tab.L + lv.depth];
       if (w.runs.empty() || w.runs.back().piece != piece) w.runs.push_back({piece, r, r, 0.0, A(0)});
       const int32_t v = tab.order[r];
-      const A e = whole ? ex[v] : cpu_math::exp(scaled_shift(cpu_math::load<A>(zc[v]), mx, inv_tau));
+      const A e = whole ? ex[v] :
+                          cpu_math::exp(scaled_shift(cpu_math::load<A>(zc[v]), mx, inv_tau));
       w.runs.back().end = r + 1;
       w.runs.back().sum += e;
       total += e;
@@ -266,10 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_loss_fwd_cpu(
   const ChainInputs in = prepare_chain(student_logits, teacher_logits, chunks, student_pieces, student_order,
                                        teacher_pieces, teacher_order, temperature, student_targets, teacher_targets);
   ChainParams p = in.params();
-  const ForwardOutputs out = allocate_forward(in, {p.K}, p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "chain_loss_fwd_cpu",
-                                  [&] { ChainCpu<scalar_t>(p).forward(); });
-  return {out.losses, out.student_lse, out.teacher_lse};
+  return run_forward(in, p, {p.K}, "chain_loss_fwd_cpu",
+                     [&](auto scalar) { ChainCpu<decltype(scalar)>(p).forward(); });
 }
 
 at::Tensor chain_loss_bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& student_logits,
@@ -282,10 +283,8 @@ at::Tensor chain_loss_bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& s
   const ChainInputs in = prepare_chain(student_logits, teacher_logits, chunks, student_pieces, student_order,
                                        teacher_pieces, teacher_order, temperature, student_targets, teacher_targets);
   ChainParams p = in.params();
-  const BackwardTensors t = bind_backward(grad_losses, student_lse, teacher_lse, {p.K}, in, "chain_loss_fwd", p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "chain_loss_bwd_cpu",
-                                  [&] { ChainCpu<scalar_t>(p).backward(); });
-  return t.grad_student;
+  return run_backward(grad_losses, student_lse, teacher_lse, in, p, {p.K}, "chain_loss_fwd", "chain_loss_bwd_cpu",
+                      [&](auto scalar) { ChainCpu<decltype(scalar)>(p).backward(); });
 }
 
 }  // namespace

@@ -276,10 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hybrid_loss_fwd_cpu(
   const HybridInputs in = prepare_hybrid(student_logits, teacher_logits, chunks, pairs, temperature, student_merge,
                                          teacher_merge, matched, beta, uld_topk, student_targets, teacher_targets);
   HybridParams p = in.params();
-  const ForwardOutputs out = allocate_forward(in, {p.K, 2}, p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "hybrid_loss_fwd_cpu",
-                                  [&] { HybridCpu<scalar_t>(p).forward(); });
-  return {out.losses, out.student_lse, out.teacher_lse};
+  return run_forward(in, p, {p.K, 2}, "hybrid_loss_fwd_cpu",
+                     [&](auto scalar) { HybridCpu<decltype(scalar)>(p).forward(); });
 }
 
 at::Tensor hybrid_loss_bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& student_logits,
@@ -292,11 +290,8 @@ at::Tensor hybrid_loss_bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& 
   const HybridInputs in = prepare_hybrid(student_logits, teacher_logits, chunks, pairs, temperature, student_merge,
                                          teacher_merge, matched, beta, uld_topk, student_targets, teacher_targets);
   HybridParams p = in.params();
-  const BackwardTensors t =
-      bind_backward(grad_losses, student_lse, teacher_lse, {p.K, 2}, in, "hybrid_loss_fwd", p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "hybrid_loss_bwd_cpu",
-                                  [&] { HybridCpu<scalar_t>(p).backward(); });
-  return t.grad_student;
+  return run_backward(grad_losses, student_lse, teacher_lse, in, p, {p.K, 2}, "hybrid_loss_fwd",
+                      "hybrid_loss_bwd_cpu", [&](auto scalar) { HybridCpu<decltype(scalar)>(p).backward(); });
 }
 
 }  // namespace

@@ -262,10 +262,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor&
   const LossInputs in = prepare_kd(student_logits, teacher_logits, chunks, temperature, student_merge, teacher_merge,
                                    student_targets, teacher_targets);
   LossParams p = in.params();
-  const ForwardOutputs out = allocate_forward(in, {p.K}, p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "kd_loss_fwd_cpu",
-                                  [&] { KdCpu<scalar_t>(p).forward(); });
-  return {out.losses, out.student_lse, out.teacher_lse};
+  return run_forward(in, p, {p.K}, "kd_loss_fwd_cpu",
+                     [&](auto scalar) { KdCpu<decltype(scalar)>(p).forward(); });
 }
 
 at::Tensor kd_loss_bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& student_logits,
@@ -277,10 +275,8 @@ at::Tensor kd_loss_bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& stud
   const LossInputs in = prepare_kd(student_logits, teacher_logits, chunks, temperature, student_merge, teacher_merge,
                                    student_targets, teacher_targets);
   LossParams p = in.params();
-  const BackwardTensors t = bind_backward(grad_losses, student_lse, teacher_lse, {p.K}, in, "kd_loss_fwd", p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "kd_loss_bwd_cpu",
-                                  [&] { KdCpu<scalar_t>(p).backward(); });
-  return t.grad_student;
+  return run_backward(grad_losses, student_lse, teacher_lse, in, p, {p.K}, "kd_loss_fwd", "kd_loss_bwd_cpu",
+                      [&](auto scalar) { KdCpu<decltype(scalar)>(p).backward(); });
 }
 
 }  // namespace

@@ -168,10 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pkl_loss_fwd_cpu(
       prepare_pkl(student_logits, teacher_logits, chunks, proj_idx, proj_val, proj_col_ptr, proj_col_src, proj_col_val,
                   temperature, student_merge, teacher_merge, student_targets, teacher_targets);
   PklParams p = in.params();
-  const ForwardOutputs out = allocate_forward(in, {p.K}, p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "pkl_loss_fwd_cpu",
-                                  [&] { PklCpu<scalar_t>(p).forward(); });
-  return {out.losses, out.student_lse, out.teacher_lse};
+  return run_forward(in, p, {p.K}, "pkl_loss_fwd_cpu",
+                     [&](auto scalar) { PklCpu<decltype(scalar)>(p).forward(); });
 }
 
 std::tuple<at::Tensor, at::Tensor> pkl_loss_bwd_cpu(
@@ -187,8 +185,9 @@ std::tuple<at::Tensor, at::Tensor> pkl_loss_bwd_cpu(
   PklParams p = in.params();
   const BackwardTensors t = bind_backward(grad_losses, student_lse, teacher_lse, {p.K}, in, "pkl_loss_fwd", p);
   const at::Tensor grad_val = bind_grad_val(proj_val_grad, in, p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "pkl_loss_bwd_cpu",
-                                  [&] { PklCpu<scalar_t>(p).backward(); });
+  if (p.K > 0) {
+    dispatch_logits(in, "pkl_loss_bwd_cpu", [&](auto scalar) { PklCpu<decltype(scalar)>(p).backward(); });
+  }
   return {t.grad_student, finish_grad_val(grad_val, proj_val)};
 }
 

@@ -254,11 +254,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_loss_fwd_cuda(
   const ChainInputs in = prepare_chain(student_logits, teacher_logits, chunks, student_pieces, student_order,
                                        teacher_pieces, teacher_order, temperature, student_targets, teacher_targets);
   ChainParams p = in.params();
-  const ForwardOutputs out = allocate_forward(in, {p.K}, p);
-  if (p.K == 0) return {out.losses, out.student_lse, out.teacher_lse};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "chain_loss_fwd_cuda",
-                                  [&] { launch<scalar_t>(p, /*backward=*/false); });
-  return {out.losses, out.student_lse, out.teacher_lse};
+  return run_forward(in, p, {p.K}, "chain_loss_fwd_cuda",
+                     [&](auto scalar) { launch<decltype(scalar)>(p, /*backward=*/false); });
 }
 
 at::Tensor chain_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& student_logits,
@@ -272,11 +269,8 @@ at::Tensor chain_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& 
   const ChainInputs in = prepare_chain(student_logits, teacher_logits, chunks, student_pieces, student_order,
                                        teacher_pieces, teacher_order, temperature, student_targets, teacher_targets);
   ChainParams p = in.params();
-  const BackwardTensors t = bind_backward(grad_losses, student_lse, teacher_lse, {p.K}, in, "chain_loss_fwd", p);
-  if (p.K == 0) return t.grad_student;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "chain_loss_bwd_cuda",
-                                  [&] { launch<scalar_t>(p, /*backward=*/true); });
-  return t.grad_student;
+  return run_backward(grad_losses, student_lse, teacher_lse, in, p, {p.K}, "chain_loss_fwd", "chain_loss_bwd_cuda",
+                      [&](auto scalar) { launch<decltype(scalar)>(p, /*backward=*/true); });
 }
 
 }  // namespace

@@ -159,7 +159,6 @@ __global__ void __launch_bounds__(kThreads)
                        typename Rank<A>::Key* __restrict__ keys_s, typename Rank<A>::Key* __restrict__ keys_t,
                        A* __restrict__ h) {
   __shared__ A scratch[64];
-  __shared__ A shared_log_c[2];
   const int64_t g = blockIdx.x, k = k0 + g;
   const Chunk c = p.chunks[k];
   if (!chunk_ok(c, p.N_s, p.N_t)) {  // only reachable when the host checks were skipped; see l1_kernel
@@ -169,17 +168,8 @@ __global__ void __launch_bounds__(kThreads)
     write_rank_keys<A>(keys_t + g * p.n_t, p.uncommon_t, p.n_t, p.V_t, g, zero);
     return;
   }
-  if (!backward) {
-    student.compute_lse(c.s0, c.s1, scratch);
-    teacher.compute_lse(c.t0, c.t1, scratch);
-    __syncthreads();  // the lse values written by thread 0 are read by every thread below
-  }
-  if (threadIdx.x == 0) {
-    shared_log_c[0] = student.log_prefix(c.s0, c.s1);
-    shared_log_c[1] = teacher.log_prefix(c.t0, c.t1);
-  }
-  __syncthreads();
-  const A c_s = dexp(shared_log_c[0]), c_t = dexp(shared_log_c[1]);
+  const LogPrefixes<A> log_c = chunk_log_prefixes(student, teacher, c, /*lse=*/!backward, scratch);
+  const A c_s = dexp(log_c.student), c_t = dexp(log_c.teacher);
   const Pooled<T, A> ps = student.pooled(c.s0, c.s1), pt = teacher.pooled(c.t0, c.t1);
   const A beta = A(p.beta);
   const uint32_t V_s = static_cast<uint32_t>(p.V_s), V_t = static_cast<uint32_t>(p.V_t);
@@ -391,17 +381,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hybrid_loss_fwd_cuda(
   const HybridInputs in = prepare_hybrid(student_logits, teacher_logits, chunks, pairs, temperature, student_merge,
                                          teacher_merge, matched, beta, uld_topk, student_targets, teacher_targets);
   HybridParams p = in.params();
-  const ForwardOutputs out = allocate_forward(in, {p.K, 2}, p);
-  if (p.K == 0) return {out.losses, out.student_lse, out.teacher_lse};
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "hybrid_loss_fwd_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
+  return run_forward(in, p, {p.K, 2}, "hybrid_loss_fwd_cuda", [&](auto scalar) {
+    using T = decltype(scalar);
+    using A = at::opmath_type<T>;
+    const auto stream = at::cuda::getCurrentCUDAStream();
     Workspace<A> ws(p, in.student_logits, /*backward=*/false);
     for (int64_t k0 = 0; k0 < p.K; k0 += ws.G) {
-      rank_wave<scalar_t, A>(p, ws, k0, std::min(ws.G, p.K - k0), /*backward=*/false, stream);
+      rank_wave<T, A>(p, ws, k0, std::min(ws.G, p.K - k0), /*backward=*/false, stream);
     }
   });
-  return {out.losses, out.student_lse, out.teacher_lse};
 }
 
 at::Tensor hybrid_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& student_logits,
@@ -415,21 +403,20 @@ at::Tensor hybrid_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor&
   const HybridInputs in = prepare_hybrid(student_logits, teacher_logits, chunks, pairs, temperature, student_merge,
                                          teacher_merge, matched, beta, uld_topk, student_targets, teacher_targets);
   HybridParams p = in.params();
-  const BackwardTensors t = bind_backward(grad_losses, student_lse, teacher_lse, {p.K, 2}, in, "hybrid_loss_fwd", p);
-  if (p.K == 0) return t.grad_student;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "hybrid_loss_bwd_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
+  return run_backward(grad_losses, student_lse, teacher_lse, in, p, {p.K, 2}, "hybrid_loss_fwd",
+                      "hybrid_loss_bwd_cuda", [&](auto scalar) {
+    using T = decltype(scalar);
+    using A = at::opmath_type<T>;
+    const auto stream = at::cuda::getCurrentCUDAStream();
     Workspace<A> ws(p, in.student_logits, /*backward=*/true);
     for (int64_t k0 = 0; k0 < p.K; k0 += ws.G) {
       const int64_t chunks_in_wave = std::min(ws.G, p.K - k0);
-      rank_wave<scalar_t, A>(p, ws, k0, chunks_in_wave, /*backward=*/true, stream);
-      hybrid_bwd_kernel<scalar_t, A><<<static_cast<unsigned>(chunks_in_wave), kThreads, 0, stream>>>(
-          p, Side<scalar_t, A>::student(p), k0, ws.h.template data_ptr<A>());
+      rank_wave<T, A>(p, ws, k0, chunks_in_wave, /*backward=*/true, stream);
+      hybrid_bwd_kernel<T, A><<<static_cast<unsigned>(chunks_in_wave), kThreads, 0, stream>>>(
+          p, Side<T, A>::student(p), k0, ws.h.template data_ptr<A>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return t.grad_student;
 }
 
 }  // namespace

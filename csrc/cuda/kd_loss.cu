@@ -55,7 +55,6 @@ struct RowPair {
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) kd_fwd_kernel(LossParams p, Side<T, A> student, Side<T, A> teacher) {
   __shared__ A scratch[64];
-  __shared__ A shared_log_c[2];
   const int64_t k = blockIdx.x;
   const Chunk c = p.chunks[k];
   A* losses = static_cast<A*>(p.losses);
@@ -63,15 +62,8 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_kernel(LossParams p, Side<T, 
     if (threadIdx.x == 0) losses[k] = nan_value<A>();
     return;
   }
-  student.compute_lse(c.s0, c.s1, scratch);
-  teacher.compute_lse(c.t0, c.t1, scratch);
-  __syncthreads();  // the lse values written by thread 0 are read by every thread below
-  if (threadIdx.x == 0) {
-    shared_log_c[0] = student.log_prefix(c.s0, c.s1);
-    shared_log_c[1] = teacher.log_prefix(c.t0, c.t1);
-  }
-  __syncthreads();
-  const A log_c_s = shared_log_c[0], log_c_t = shared_log_c[1];
+  const LogPrefixes<A> log_c = chunk_log_prefixes(student, teacher, c, /*lse=*/true, scratch);
+  const A log_c_s = log_c.student, log_c_t = log_c.teacher;
   const Pooled<T, A> ps_rows = student.pooled(c.s0, c.s1), pt_rows = teacher.pooled(c.t0, c.t1);
   if (ps_rows.m == 0 && pt_rows.m == 0) {  // one row per side, p = c q: L = c_t (KL(q_t || q_s) + log c_t - log c_s)
     const RowPair<T, A> rows(ps_rows, pt_rows, p.V_s, scratch);
@@ -101,7 +93,6 @@ __global__ void __launch_bounds__(kThreads) kd_fwd_kernel(LossParams p, Side<T, 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) kd_bwd_kernel(LossParams p, Side<T, A> student, Side<T, A> teacher) {
   __shared__ A scratch[64];
-  __shared__ A shared_log_c[2];
   const int64_t k = blockIdx.x;
   const Chunk c = p.chunks[k];
   zero_rows_around_chunk<T>(p, k);
@@ -109,15 +100,10 @@ __global__ void __launch_bounds__(kThreads) kd_bwd_kernel(LossParams p, Side<T, 
     nan_rows_of_chunk<T>(p, c);
     return;
   }
-  if (threadIdx.x == 0) {
-    shared_log_c[0] = student.log_prefix(c.s0, c.s1);
-    shared_log_c[1] = teacher.log_prefix(c.t0, c.t1);
-  }
-  __syncthreads();
+  const A c_t = dexp(chunk_log_prefixes(student, teacher, c, /*lse=*/false, scratch).teacher);
   const int64_t V = p.V_s;
   const A inv_tau = student.inv_tau;
   const A scale = static_cast<const A*>(p.grad_losses)[k] * inv_tau;
-  const A c_t = dexp(shared_log_c[1]);
   const Pooled<T, A> pt_rows = teacher.pooled(c.t0, c.t1);
   const auto p_t = [&](int64_t v) { return c_t * pt_rows.prob(v); };
   A S = c_t;  // sum_v p_t[v]: 1 (first, mean), c_t (bayes), summed (logmean)
@@ -202,16 +188,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor
   const LossInputs in = prepare_kd(student_logits, teacher_logits, chunks, temperature, student_merge, teacher_merge,
                                    student_targets, teacher_targets);
   LossParams p = in.params();
-  const ForwardOutputs out = allocate_forward(in, {p.K}, p);
-  if (p.K == 0) return {out.losses, out.student_lse, out.teacher_lse};
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "kd_loss_fwd_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    kd_fwd_kernel<scalar_t, A><<<static_cast<unsigned>(p.K), kThreads, 0, stream>>>(
-        p, Side<scalar_t, A>::student(p), Side<scalar_t, A>::teacher(p));
+  return run_forward(in, p, {p.K}, "kd_loss_fwd_cuda", [&](auto scalar) {
+    using T = decltype(scalar);
+    using A = at::opmath_type<T>;
+    kd_fwd_kernel<T, A><<<static_cast<unsigned>(p.K), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        p, Side<T, A>::student(p), Side<T, A>::teacher(p));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out.losses, out.student_lse, out.teacher_lse};
 }
 
 at::Tensor kd_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& student_logits,
@@ -224,16 +207,15 @@ at::Tensor kd_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& stu
   const LossInputs in = prepare_kd(student_logits, teacher_logits, chunks, temperature, student_merge, teacher_merge,
                                    student_targets, teacher_targets);
   LossParams p = in.params();
-  const BackwardTensors t = bind_backward(grad_losses, student_lse, teacher_lse, {p.K}, in, "kd_loss_fwd", p);
-  if (p.K == 0) return t.grad_student;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "kd_loss_bwd_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    kd_bwd_kernel<scalar_t, A><<<static_cast<unsigned>(p.K), kThreads, 0, stream>>>(
-        p, Side<scalar_t, A>::student(p), Side<scalar_t, A>::teacher(p));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return t.grad_student;
+  return run_backward(grad_losses, student_lse, teacher_lse, in, p, {p.K}, "kd_loss_fwd", "kd_loss_bwd_cuda",
+                      [&](auto scalar) {
+                        using T = decltype(scalar);
+                        using A = at::opmath_type<T>;
+                        kd_bwd_kernel<T, A><<<static_cast<unsigned>(p.K), kThreads, 0,
+                                              at::cuda::getCurrentCUDAStream()>>>(p, Side<T, A>::student(p),
+                                                                                  Side<T, A>::teacher(p));
+                        C10_CUDA_KERNEL_LAUNCH_CHECK();
+                      });
 }
 
 }  // namespace

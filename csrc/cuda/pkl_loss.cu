@@ -51,7 +51,6 @@ __device__ __forceinline__ A gather_column(const ProjectionView& W, const Pooled
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) pkl_fwd_kernel(PklParams p, Side<T, A> student, Side<T, A> teacher) {
   __shared__ A scratch[64];
-  __shared__ A shared_log_c[2];
   const int64_t k = blockIdx.x;
   const Chunk c = p.chunks[k];
   A* losses = static_cast<A*>(p.losses);
@@ -59,15 +58,8 @@ __global__ void __launch_bounds__(kThreads) pkl_fwd_kernel(PklParams p, Side<T, 
     if (threadIdx.x == 0) losses[k] = nan_value<A>();
     return;
   }
-  student.compute_lse(c.s0, c.s1, scratch);
-  teacher.compute_lse(c.t0, c.t1, scratch);
-  __syncthreads();  // the lse values written by thread 0 are read by every thread below
-  if (threadIdx.x == 0) {
-    shared_log_c[0] = student.log_prefix(c.s0, c.s1);
-    shared_log_c[1] = teacher.log_prefix(c.t0, c.t1);
-  }
-  __syncthreads();
-  const A c_s = dexp(shared_log_c[0]), log_c_t = shared_log_c[1];
+  const LogPrefixes<A> log_c = chunk_log_prefixes(student, teacher, c, /*lse=*/true, scratch);
+  const A c_s = dexp(log_c.student), log_c_t = log_c.teacher;
   const Pooled<T, A> ps = student.pooled(c.s0, c.s1), pt_rows = teacher.pooled(c.t0, c.t1);
 
   A acc = 0;
@@ -101,7 +93,6 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) pkl_bwd_kernel(PklParams p, Side<T, A> student, Side<T, A> teacher,
                                                           A* workspace, int64_t k_begin, int64_t k_end, A* ps_out) {
   __shared__ A scratch[64];
-  __shared__ A shared_log_c[2];
   A* g = workspace + static_cast<int64_t>(blockIdx.x) * p.V_t;
   A* ps_block = ps_out == nullptr ? nullptr : ps_out + static_cast<int64_t>(blockIdx.x) * p.V_s;
   T* dz = static_cast<T*>(p.grad_student);
@@ -117,12 +108,8 @@ __global__ void __launch_bounds__(kThreads) pkl_bwd_kernel(PklParams p, Side<T, 
       }
       continue;
     }
-    if (threadIdx.x == 0) {
-      shared_log_c[0] = student.log_prefix(c.s0, c.s1);
-      shared_log_c[1] = teacher.log_prefix(c.t0, c.t1);
-    }
-    __syncthreads();
-    const A log_c_s = shared_log_c[0], log_c_t = shared_log_c[1];
+    const LogPrefixes<A> log_c = chunk_log_prefixes(student, teacher, c, /*lse=*/false, scratch);
+    const A log_c_s = log_c.student, log_c_t = log_c.teacher;
     const A c_s = dexp(log_c_s);
     const A G = grad_losses[k];
     const Pooled<T, A> ps = student.pooled(c.s0, c.s1), pt_rows = teacher.pooled(c.t0, c.t1);
@@ -180,16 +167,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pkl_loss_fwd_cuda(
       prepare_pkl(student_logits, teacher_logits, chunks, proj_idx, proj_val, proj_col_ptr, proj_col_src, proj_col_val,
                   temperature, student_merge, teacher_merge, student_targets, teacher_targets);
   PklParams p = in.params();
-  const ForwardOutputs out = allocate_forward(in, {p.K}, p);
-  if (p.K == 0) return {out.losses, out.student_lse, out.teacher_lse};
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "pkl_loss_fwd_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    pkl_fwd_kernel<scalar_t, A><<<static_cast<unsigned>(p.K), kThreads, 0, stream>>>(
-        p, Side<scalar_t, A>::student(p), Side<scalar_t, A>::teacher(p));
+  return run_forward(in, p, {p.K}, "pkl_loss_fwd_cuda", [&](auto scalar) {
+    using T = decltype(scalar);
+    using A = at::opmath_type<T>;
+    pkl_fwd_kernel<T, A><<<static_cast<unsigned>(p.K), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        p, Side<T, A>::student(p), Side<T, A>::teacher(p));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out.losses, out.student_lse, out.teacher_lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> pkl_loss_bwd_cuda(
@@ -208,7 +192,8 @@ std::tuple<at::Tensor, at::Tensor> pkl_loss_bwd_cuda(
   const at::Tensor grad_val = bind_grad_val(proj_val_grad, in, p);
   if (p.K == 0) return {t.grad_student, finish_grad_val(grad_val, proj_val)};
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student_logits.scalar_type(), "pkl_loss_bwd_cuda", [&] {
+  dispatch_logits(in, "pkl_loss_bwd_cuda", [&](auto scalar) {
+    using scalar_t = decltype(scalar);
     using A = at::opmath_type<scalar_t>;
     const auto kernel = pkl_bwd_kernel<scalar_t, A>;
     const auto student = Side<scalar_t, A>::student(p), teacher = Side<scalar_t, A>::teacher(p);

@@ -225,5 +225,31 @@ struct Side {
   }
 };
 
+// log c of both sides' pooling of chunk c (merge="bayes"; 0 otherwise), computed by thread 0 and returned to
+// every thread. With `lse` (the forward), first the logsumexps of the rows the pooling reads, saved for the
+// backward. The whole block takes part; a kernel looping over chunks must sync between the return and the next
+// call (its block sums do).
+template <typename A>
+struct LogPrefixes {
+  A student, teacher;
+};
+
+template <typename T, typename A>
+__device__ LogPrefixes<A> chunk_log_prefixes(const Side<T, A>& student, const Side<T, A>& teacher, const Chunk& c,
+                                             bool lse, A* scratch) {
+  __shared__ A shared[2];
+  if (lse) {
+    student.compute_lse(c.s0, c.s1, scratch);
+    teacher.compute_lse(c.t0, c.t1, scratch);
+    __syncthreads();  // the lse values written by thread 0 are read by every thread below
+  }
+  if (threadIdx.x == 0) {
+    shared[0] = student.log_prefix(c.s0, c.s1);
+    shared[1] = teacher.log_prefix(c.t0, c.t1);
+  }
+  __syncthreads();
+  return {shared[0], shared[1]};
+}
+
 }  // namespace cuda
 }  // namespace xtoken

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 #include "xtoken/checks.h"
 #include "xtoken/common.h"
 
@@ -63,5 +65,40 @@ struct BackwardTensors {
 BackwardTensors bind_backward(const at::Tensor& grad_losses, const at::Tensor& student_lse,
                               const at::Tensor& teacher_lse, at::IntArrayRef loss_shape, const LossInputs& in,
                               const char* op, LossParams& p);
+
+// The scaffolding of every loss op on every device. `launch(T())` runs the kernels for the logits' dtype T
+// (a generic lambda reads the type off its argument; prepare_loss has checked it is one of these four).
+template <typename Launch>
+void dispatch_logits(const LossInputs& in, const char* name, Launch&& launch) {
+  switch (in.student_logits.scalar_type()) {
+    case at::kFloat: return launch(float());
+    case at::kDouble: return launch(double());
+    case at::kHalf: return launch(at::Half());
+    case at::kBFloat16: return launch(at::BFloat16());
+    default: TORCH_CHECK(false, name, ": logits of dtype ", in.student_logits.scalar_type(), " are not supported");
+  }
+}
+
+// A forward op: its outputs bound to `p` (losses shaped `loss_shape`), then the kernels if there are chunks.
+// Returns (losses, student_lse, teacher_lse).
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(const LossInputs& in, LossParams& p,
+                                                           at::IntArrayRef loss_shape, const char* name,
+                                                           Launch&& launch) {
+  const ForwardOutputs out = allocate_forward(in, loss_shape, p);
+  if (p.K > 0) dispatch_logits(in, name, launch);
+  return {out.losses, out.student_lse, out.teacher_lse};
+}
+
+// A backward op: the gradient of the losses and the saved LSEs bound to `p` (bind_backward; `op` names the
+// forward op), then the kernels if there are chunks. Returns the student gradient.
+template <typename Launch>
+at::Tensor run_backward(const at::Tensor& grad_losses, const at::Tensor& student_lse, const at::Tensor& teacher_lse,
+                        const LossInputs& in, LossParams& p, at::IntArrayRef loss_shape, const char* op,
+                        const char* name, Launch&& launch) {
+  const BackwardTensors t = bind_backward(grad_losses, student_lse, teacher_lse, loss_shape, in, op, p);
+  if (p.K > 0) dispatch_logits(in, name, launch);
+  return t.grad_student;
+}
 
 }  // namespace xtoken
