@@ -403,8 +403,7 @@ at::Tensor hybrid_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor&
   const HybridInputs in = prepare_hybrid(student_logits, teacher_logits, chunks, pairs, temperature, student_merge,
                                          teacher_merge, matched, beta, uld_topk, student_targets, teacher_targets);
   HybridParams p = in.params();
-  return run_backward(grad_losses, student_lse, teacher_lse, in, p, {p.K, 2}, "hybrid_loss_fwd",
-                      "hybrid_loss_bwd_cuda", [&](auto scalar) {
+  const auto launch = [&](auto scalar) {
     using T = decltype(scalar);
     using A = at::opmath_type<T>;
     const auto stream = at::cuda::getCurrentCUDAStream();
@@ -416,7 +415,9 @@ at::Tensor hybrid_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor&
           p, Side<T, A>::student(p), k0, ws.h.template data_ptr<A>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-  });
+  };
+  return run_backward(grad_losses, student_lse, teacher_lse, in, p, {p.K, 2}, "hybrid_loss_fwd",
+                      "hybrid_loss_bwd_cuda", launch);
 }
 
 }  // namespace

@@ -207,15 +207,14 @@ at::Tensor kd_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& stu
   const LossInputs in = prepare_kd(student_logits, teacher_logits, chunks, temperature, student_merge, teacher_merge,
                                    student_targets, teacher_targets);
   LossParams p = in.params();
-  return run_backward(grad_losses, student_lse, teacher_lse, in, p, {p.K}, "kd_loss_fwd", "kd_loss_bwd_cuda",
-                      [&](auto scalar) {
-                        using T = decltype(scalar);
-                        using A = at::opmath_type<T>;
-                        kd_bwd_kernel<T, A><<<static_cast<unsigned>(p.K), kThreads, 0,
-                                              at::cuda::getCurrentCUDAStream()>>>(p, Side<T, A>::student(p),
-                                                                                  Side<T, A>::teacher(p));
-                        C10_CUDA_KERNEL_LAUNCH_CHECK();
-                      });
+  const auto launch = [&](auto scalar) {
+    using T = decltype(scalar);
+    using A = at::opmath_type<T>;
+    kd_bwd_kernel<T, A><<<static_cast<unsigned>(p.K), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        p, Side<T, A>::student(p), Side<T, A>::teacher(p));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  return run_backward(grad_losses, student_lse, teacher_lse, in, p, {p.K}, "kd_loss_fwd", "kd_loss_bwd_cuda", launch);
 }
 
 }  // namespace
