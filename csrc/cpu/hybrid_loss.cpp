@@ -44,8 +44,8 @@ struct CpuLog {
 // sort descending. Two kinds, so that only the student side of the backward carries ids:
 //   ValueKey: the value alone (the loss needs only the sorted values; so does the teacher side of the backward)
 //   TokenKey: the value and the token id (the backward sends each student rank's sign to its token)
-// float keys are integers, sorted by radix passes (kShift: the three digits of the value bits, least
-// significant first); double keys (the float64 path, for gradcheck) are compared.
+// float keys are integers, sorted by radix passes over the value bits (kShift: where the three 11-bit digits
+// of radix_select and the large sort start, least significant first); double keys (the float64 path, for gradcheck) are compared.
 template <typename A>
 struct ValueKey;
 template <typename A>
@@ -106,27 +106,47 @@ int64_t digit(const Key& key, int pass) {
   return static_cast<int64_t>((key.integer() >> Key::kShift[pass]) & (pass == 2 ? 1023 : 2047));
 }
 
-// Stable LSD radix sort of keys[0, n) by their value bits, ping-ponging with tmp; returns where the result is.
-// Stability keeps the input order of equal values: ascending ids.
-template <typename Key>
-Key* radix_sort(Key* keys, Key* tmp, int64_t n) {
-  std::vector<int64_t> count(3 * 2048, 0);
+// Stable LSD radix sort of keys[0, n) by their 32 value bits, in kPasses digits of kBits bits (the value's
+// lowest bit at Key::kShift[0]), ping-ponging with tmp, with kPasses << kBits counts; returns where the result
+// is. Stability keeps the input order of equal values: ascending ids.
+template <int kBits, int kPasses, typename Count, typename Key>
+Key* radix_sort_digits(Key* keys, Key* tmp, int64_t n, Count* count) {
+  constexpr int64_t kRadix = int64_t(1) << kBits;
+  const auto digit_of = [](const Key& key, int pass) {
+    return static_cast<int64_t>((key.integer() >> (Key::kShift[0] + pass * kBits)) & (kRadix - 1));
+  };
+  std::fill(count, count + kPasses * kRadix, Count(0));
   for (int64_t i = 0; i < n; ++i) {
-    for (int pass = 0; pass < 3; ++pass) ++count[pass * 2048 + digit(keys[i], pass)];
+    for (int pass = 0; pass < kPasses; ++pass) ++count[pass * kRadix + digit_of(keys[i], pass)];
   }
-  for (int pass = 0; pass < 3; ++pass) {
-    int64_t* offset = count.data() + pass * 2048;
-    if (n == 0 || offset[digit(keys[0], pass)] == n) continue;  // one digit value: nothing to move
-    int64_t sum = 0;
-    for (int64_t d = 0; d < 2048; ++d) {
-      const int64_t c = offset[d];
+  for (int pass = 0; pass < kPasses; ++pass) {
+    Count* offset = count + pass * kRadix;
+    if (n == 0 || offset[digit_of(keys[0], pass)] == n) continue;  // one digit value: nothing to move
+    Count sum = 0;
+    for (int64_t d = 0; d < kRadix; ++d) {
+      const Count c = offset[d];
       offset[d] = sum;
       sum += c;
     }
-    for (int64_t i = 0; i < n; ++i) tmp[offset[digit(keys[i], pass)]++] = keys[i];
+    for (int64_t i = 0; i < n; ++i) tmp[offset[digit_of(keys[i], pass)]++] = keys[i];
     std::swap(keys, tmp);
   }
   return keys;
+}
+
+// Up to kSmallSort keys (a chunk's uncommon tokens in a small vocabulary) sort in four passes of 8-bit digits
+// whose counts fit on the stack; more in three passes of 11 bits (fewer passes over many keys). Both are the
+// same stable sort, so the result does not depend on which runs.
+constexpr int64_t kSmallSort = 4096;
+
+template <typename Key>
+Key* radix_sort(Key* keys, Key* tmp, int64_t n) {
+  if (n <= kSmallSort) {
+    int32_t count[4 * 256];
+    return radix_sort_digits<8, 4>(keys, tmp, n, count);
+  }
+  std::vector<int64_t> count(3 * 2048);
+  return radix_sort_digits<11, 3>(keys, tmp, n, count.data());
 }
 
 // Radix selection of the first `top` keys in rank order: by the most significant digit, the keys whose digit
