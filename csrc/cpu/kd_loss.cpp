@@ -71,7 +71,10 @@ struct RowPair {
 
   RowPair(const T* zs_, RowLse<A> ls_, const T* zt_, RowLse<A> lt_, int64_t V_, A inv_tau_)
       : zs(zs_), zt(zt_), ls(ls_), lt(lt_), V(V_), inv_tau(inv_tau_) {
-    const A S = blocked_sum<A>(V, [&](int64_t v) {
+    // Every loop of this struct reads copies of the members, never the members through `this`: GCC does not
+    // vectorize a loop that reads them so (the object under construction, or one a store might alias), and
+    // these loops ran scalar (half of a KD step).
+    const A S = blocked_sum<A>(V, [zs = zs_, zt = zt_, ls = ls_, lt = lt_, inv_tau = inv_tau_](int64_t v) {
       const A a_s = cpu_math::load<A>(zs[v]), a_t = cpu_math::load<A>(zt[v]);
       return lse_difference_term(cpu_math::exp(ls.log_prob(a_s, inv_tau)),
                                  cpu_math::exp(scaled_shift(a_t, lt.max, inv_tau) - ls.log_sum),
@@ -87,20 +90,23 @@ struct RowPair {
 
   // KL(q_t || q_s) = sum_v q_s phi(u) (kd_math.h).
   A kl() const {
-    return blocked_sum<A>(V, [&](int64_t v) {
-      const A a_s = cpu_math::load<A>(zs[v]), a_t = cpu_math::load<A>(zt[v]);
-      const A qs = cpu_math::exp(ls.log_prob(a_s, inv_tau)), qt = cpu_math::exp(lt.log_prob(a_t, inv_tau));
-      return kl_term(qt, qs, u(a_t, a_s));
+    return blocked_sum<A>(V, [self = *this](int64_t v) {
+      const A a_s = cpu_math::load<A>(self.zs[v]), a_t = cpu_math::load<A>(self.zt[v]);
+      const A qs = cpu_math::exp(self.ls.log_prob(a_s, self.inv_tau));
+      const A qt = cpu_math::exp(self.lt.log_prob(a_t, self.inv_tau));
+      return kl_term(qt, qs, self.u(a_t, a_s));
     });
   }
 
   // dz[v] = scale * (q_s[v] - q_t[v])
   void write_grad(T* dz, A scale) const {
+    const RowPair self = *this;
 #pragma omp simd
-    for (int64_t v = 0; v < V; ++v) {
-      const A a_s = cpu_math::load<A>(zs[v]), a_t = cpu_math::load<A>(zt[v]);
-      const A qs = cpu_math::exp(ls.log_prob(a_s, inv_tau)), qt = cpu_math::exp(lt.log_prob(a_t, inv_tau));
-      dz[v] = cpu_math::store<T>(scale * prob_difference(qs, qt, u(a_t, a_s)));
+    for (int64_t v = 0; v < self.V; ++v) {
+      const A a_s = cpu_math::load<A>(self.zs[v]), a_t = cpu_math::load<A>(self.zt[v]);
+      const A qs = cpu_math::exp(self.ls.log_prob(a_s, self.inv_tau));
+      const A qt = cpu_math::exp(self.lt.log_prob(a_t, self.inv_tau));
+      dz[v] = cpu_math::store<T>(scale * prob_difference(qs, qt, self.u(a_t, a_s)));
     }
   }
 };
