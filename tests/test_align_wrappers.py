@@ -90,3 +90,31 @@ def test_surface_lengths_match_the_adapters(kind):
 @pytest.mark.parametrize("name", ["llama3.2", "qwen"])
 def test_surface_lengths_match_the_adapters_on_real_vocabularies(name):
     _check_surfaces(real(name), load_tokenizer(name))
+
+
+@pytest.mark.parametrize("kind", ["digits1", "digits3", "metaspace"])
+def test_kept_encodings_give_the_same_spans(kind):
+    """keep_encodings: batches that repeat, mix kept and new texts, hold a text twice, truncate or not, with
+    special tokens or not, and a cache smaller than a batch (entries dropped while still in use) all encode as
+    without it; a pickled copy starts with nothing kept."""
+    import pickle
+    import random
+
+    plain, kept = HFSpanTokenizer(trained(kind)), HFSpanTokenizer(trained(kind))
+    kept.keep_encodings(7)
+    texts = CORPUS + ["", "x", CORPUS[0] + CORPUS[1]]
+    rng = random.Random(0)
+    for _ in range(200):
+        batch = [rng.choice(texts) for _ in range(rng.randint(0, 10))]
+        options = dict(add_special_tokens=rng.random() < 0.5, max_length=rng.choice([None, 3, 5, 64]))
+        a, b = plain.encode_spans(batch, **options), kept.encode_spans(batch, **options)
+        for name in ("ids", "spans", "lengths"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), name
+    assert len(kept._kept) == 7
+    assert len(pickle.loads(pickle.dumps(kept))._kept) == 0
+    kept.keep_encodings(0)
+    assert len(kept._kept) == 0
+    for bad in (-1, 1.5, True, None):
+        with pytest.raises(ValueError, match="texts: expected an integer >= 0"):
+            kept.keep_encodings(bad)

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from itertools import chain
@@ -134,6 +135,18 @@ class HFSpanTokenizer(SpanTokenizer):
         self._added = frozenset(backend.get_added_tokens_decoder())
         self._surface_length = np.full(0, -1, dtype=np.int64)  # per id, -1 until met (see _surfaces)
         self._leading_space = np.zeros(0, dtype=bool)
+        self._kept: OrderedDict = OrderedDict()  # (text, add_special_tokens, max_length) -> (ids, spans)
+        self._keep = 0
+
+    def keep_encodings(self, texts: int) -> None:
+        """Keep the encodings of up to ``texts`` distinct texts, the least recently used dropped first (0, the
+        default: none), so that training that sees a small corpus for several epochs encodes each text once.
+        A batch then costs a lookup per text and a concatenation; its result is the same."""
+        if not isinstance(texts, int) or isinstance(texts, bool) or texts < 0:
+            raise ValueError(f"texts: expected an integer >= 0, got {texts!r}")
+        self._keep = texts
+        while len(self._kept) > texts:
+            self._kept.popitem(last=False)
 
     def _surfaces(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The surface lengths of ``ids`` and whether each starts with a space. Worked out the first time an id
@@ -156,6 +169,28 @@ class HFSpanTokenizer(SpanTokenizer):
         return self._tokenizer.id_to_token(token_id) or f"<{token_id}>"
 
     def encode_spans(self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None) -> TokenSpans:
+        if not self._keep or not texts:
+            return self._encode_spans(texts, add_special_tokens=add_special_tokens, max_length=max_length)
+        keys = [(text, bool(add_special_tokens), max_length) for text in texts]
+        kept = self._kept
+        new = list(dict.fromkeys(key for key in keys if key not in kept))
+        if new:
+            encoded = self._encode_spans([key[0] for key in new], add_special_tokens=add_special_tokens,
+                                         max_length=max_length)
+            ends = np.cumsum(encoded.lengths)
+            for key, end, length in zip(new, ends.tolist(), encoded.lengths.tolist()):
+                kept[key] = (encoded.ids[end - length : end].copy(), encoded.spans[end - length : end].copy())
+        found = []
+        for key in keys:
+            kept.move_to_end(key)
+            found.append(kept[key])
+        while len(kept) > self._keep:
+            kept.popitem(last=False)
+        lengths = np.fromiter((len(ids) for ids, _ in found), dtype=np.int64, count=len(found))
+        return TokenSpans(ids=np.concatenate([ids for ids, _ in found]),
+                          spans=np.concatenate([spans for _, spans in found]), lengths=lengths)
+
+    def _encode_spans(self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None) -> TokenSpans:
         if _pads_or_truncates(self._tokenizer):  # someone set the shared tokenizer to pad or truncate since
             self._tokenizer = _private_copy(self._tokenizer)
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
@@ -182,6 +217,7 @@ class HFSpanTokenizer(SpanTokenizer):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_tokenizer"] = self._tokenizer.to_str()
+        state["_kept"] = OrderedDict()  # a copy starts with none kept
         return state
 
     def __setstate__(self, state):
