@@ -80,3 +80,39 @@ def test_schedule_does_not_change_results():
     assert len({tuple(a.text for a in answers) for answers, _ in students_one}) >= 3
     with pytest.raises(ValueError, match="workers"):
         _train_all(data, variants, 0, log=lambda m: None)
+
+
+def test_shared_teacher_gives_the_teachers_logits():
+    """_SharedTeacher: the teacher's forward once per batch and process, its lm_head on the kept hidden states
+    after; the logits equal the plain forward's bit for bit, a pickled copy (a worker's job) reads the same
+    states, and another set of jobs (a new key) starts afresh."""
+    import pickle
+
+    import torch
+
+    from xtoken import demo
+
+    teacher = demo.build_lm(50, demo.ModelSize(16, 1), 3, 0).eval()
+    shared = demo._SharedTeacher(teacher)
+    ids = torch.randint(0, 50, (4, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    demo._KEPT_HIDDEN_STATES.clear()
+    with torch.no_grad():
+        plain = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        first = shared(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        assert len(demo._KEPT_HIDDEN_STATES[shared.key]) == 1
+        copy = pickle.loads(pickle.dumps(shared))
+        calls = []
+        copy.model.model.register_forward_hook(lambda *args: calls.append(1))
+        again = copy(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        assert calls == []  # read from the kept states, not computed
+        other = copy(input_ids=ids.flip(0), attention_mask=mask.flip(0), use_cache=False).logits
+        assert calls == [1] and len(demo._KEPT_HIDDEN_STATES[shared.key]) == 2
+        fresh = demo._SharedTeacher(teacher)
+        fresh(input_ids=ids, attention_mask=mask, use_cache=False)
+        assert list(demo._KEPT_HIDDEN_STATES) == [fresh.key]
+    assert torch.equal(first, plain) and torch.equal(again, plain)
+    assert torch.equal(other, teacher(input_ids=ids.flip(0), attention_mask=mask.flip(0)).logits.detach())
+    assert shared.config is teacher.config and shared.get_output_embeddings() is teacher.get_output_embeddings()
+    demo._KEPT_HIDDEN_STATES.clear()
