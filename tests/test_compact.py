@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,3 +171,18 @@ def test_demo_quick_runs_on_real_vocabularies(tmp_path, capsys):
     assert len(results["accuracy"]) == 1 + len(methods)
     kept = json.loads((tmp_path / "compact_ids.json").read_text())
     assert len(kept["student"]) > 200 and len(kept["teacher"]) < 100
+
+
+def test_kept_encodings_of_a_compact_tokenizer(pair, corpus):
+    """keep_encodings reaches the compact tokenizer's span encoder: the same spans, kept, then dropped."""
+    for tokenizer in pair:
+        tokenizer.keep_encodings(0)
+        texts = corpus[:30] + corpus[:10]
+        plain = tokenizer.encode_spans(texts, add_special_tokens=True, max_length=64)
+        tokenizer.keep_encodings(25)
+        for _ in range(2):
+            kept = tokenizer.encode_spans(texts, add_special_tokens=True, max_length=64)
+            for name in ("ids", "spans", "lengths"):
+                assert np.array_equal(getattr(plain, name), getattr(kept, name)), name
+        assert len(tokenizer._spans._kept) == 25
+        tokenizer.keep_encodings(0)

@@ -183,6 +183,10 @@ class CompactTokenizer(TokenizerAdapter, SpanTokenizer):
     def token(self, token_id: int) -> str:
         return self._spans.token(token_id)
 
+    def keep_encodings(self, texts: int) -> None:
+        """:meth:`xtoken.align.HFSpanTokenizer.keep_encodings` of the span encoder."""
+        self._spans.keep_encodings(texts)
+
     def __repr__(self) -> str:
         return f"CompactTokenizer({self.name!r}, {len(self)} of {len(self.base)} ids, roles={self.roles})"
 

@@ -529,7 +529,9 @@ def _run_job(job: _Job, log: Callable[[str], None] = _print) -> tuple[Any, list[
     start = time.perf_counter()
     for tokenizer in (job.tokenizer, *(t.tokenizer for t in job.teachers if t.tokenizer is not None)):
         # Training sees the corpus ~3 times (6 for the teacher): each text is encoded once, results unchanged.
-        as_span_tokenizer(tokenizer).keep_encodings(len(job.texts))
+        span_tokenizer = as_span_tokenizer(tokenizer)
+        if hasattr(span_tokenizer, "keep_encodings"):  # an HFSpanTokenizer, or a CompactTokenizer over one
+            span_tokenizer.keep_encodings(len(job.texts))
     model = build_lm(len(job.tokenizer), job.size, job.model_seed, job.tokenizer.roles["eos"])
     with tempfile.TemporaryDirectory() as work_dir, _objects_frozen():
         train_lm(model, job.tokenizer, job.texts, teachers=job.teachers, steps=job.steps, lr=job.lr,
