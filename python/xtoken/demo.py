@@ -96,8 +96,7 @@ tokenizer, under CE only and under CE plus same-tokenizer KD: they show what dis
 the tokenizers agree."""
 
 DEFAULT_METHODS = ("control-ce", "control-kd", "ce", "gold", "pkl", "chain")
-"""What ``xtoken demo`` runs unless told (11 minutes on this project's 2-core machine, over the 10-minute
-target): the controls, CE only, GOLD, the paper's P-KL and xtoken's chain KL. ``bench/quality/run_study.py`` runs every method."""
+"""What ``xtoken demo`` runs unless told (9 min 38 s on this project's 2-core machine at e69e10a): the controls, CE only, GOLD, the paper's P-KL and xtoken's chain KL. ``bench/quality/run_study.py`` runs every method."""
 
 _METHOD_LOSSES = {"pkl-nemo": ("pkl", {"merge": NEMO_MERGE}), "pkl-learned": ("pkl", {"learn_projection": True})}
 
@@ -247,7 +246,7 @@ SETTINGS = {
         teacher_steps=150, student_steps=60,
     ),
 }
-"""The demo's two budgets: ``default`` (11 minutes for the default methods on two CPU cores; the teacher
+"""The demo's two budgets: ``default`` (under 10 minutes for the default methods on two CPU cores; the teacher
 solves nearly all held-out problems) and ``quick`` (a smoke test for CI: every step runs, the numbers mean little)."""
 
 
