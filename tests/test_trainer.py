@@ -250,3 +250,37 @@ def test_bf16_teacher_and_evaluation(tmp_path):
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] > 0 and torch.isfinite(torch.tensor(metrics["eval_loss"]))
+
+
+def test_forward_turns_the_kv_cache_off_only_where_the_model_takes_it():
+    """The trainer's forwards pass use_cache=False to a model whose config has use_cache and whose forward takes
+    it (by name or **kwargs), and call a custom model that carries a config but not the argument as it is."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from xtoken.trainer import _forward
+
+    seen = []
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = LlamaConfig()
+
+        def forward(self, input_ids, attention_mask):
+            seen.append("custom")
+            return SimpleNamespace(logits=input_ids)
+
+    class Kwargs(Custom):
+        def forward(self, input_ids, attention_mask, **kwargs):
+            seen.append(kwargs)
+            return SimpleNamespace(logits=input_ids)
+
+    batch = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    _forward(Custom(), batch)
+    _forward(Kwargs(), batch)
+    no_cache = Kwargs()
+    no_cache.config.use_cache = False
+    _forward(no_cache, batch)
+    assert seen == ["custom", {"use_cache": False}, {}]

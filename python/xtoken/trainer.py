@@ -22,6 +22,8 @@ host; only logging reads values back.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import itertools
 import math
 import os
@@ -508,8 +510,20 @@ def _forward(model: torch.nn.Module, batch: dict[str, Any]):
     training forward never reads one back; a transformers model with ``use_cache`` on spends ~7% of a small
     model's step on it)."""
     config = getattr(getattr(model, "module", model), "config", None)  # through a DDP wrapper
-    extra = {"use_cache": False} if getattr(config, "use_cache", False) else {}
+    off = getattr(config, "use_cache", False) and _takes_use_cache(type(model).forward)
+    extra = {"use_cache": False} if off else {}
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_use_cache(forward) -> bool:
+    """Whether a forward accepts ``use_cache`` (by name or through ``**kwargs``): a custom model may carry a
+    Hugging Face config without taking the argument."""
+    try:
+        parameters = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _logit_width(model: torch.nn.Module) -> int | None:
