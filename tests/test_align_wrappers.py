@@ -106,7 +106,7 @@ def test_kept_encodings_give_the_same_spans(kind):
     rng = random.Random(0)
     for _ in range(200):
         batch = [rng.choice(texts) for _ in range(rng.randint(0, 10))]
-        options = dict(add_special_tokens=rng.random() < 0.5, max_length=rng.choice([None, 3, 5, 64]))
+        options = {"add_special_tokens": rng.random() < 0.5, "max_length": rng.choice([None, 3, 5, 64])}
         a, b = plain.encode_spans(batch, **options), kept.encode_spans(batch, **options)
         for name in ("ids", "spans", "lengths"):
             x, y = getattr(a, name), getattr(b, name)

@@ -89,7 +89,6 @@ def test_shared_teacher_gives_the_teachers_logits():
     import pickle
 
     import torch
-
     from xtoken import demo
 
     teacher = demo.build_lm(50, demo.ModelSize(16, 1), 3, 0).eval()

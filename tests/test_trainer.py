@@ -258,7 +258,6 @@ def test_forward_turns_the_kv_cache_off_only_where_the_model_takes_it():
     from types import SimpleNamespace
 
     from transformers import LlamaConfig
-
     from xtoken.trainer import _forward
 
     seen = []
