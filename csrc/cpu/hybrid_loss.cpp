@@ -45,7 +45,8 @@ struct CpuLog {
 //   ValueKey: the value alone (the loss needs only the sorted values; so does the teacher side of the backward)
 //   TokenKey: the value and the token id (the backward sends each student rank's sign to its token)
 // float keys are integers, sorted by radix passes over the value bits (kShift: where the three 11-bit digits
-// of radix_select and the large sort start, least significant first); double keys (the float64 path, for gradcheck) are compared.
+// of radix_select and the large sort start, least significant first); double keys (the float64 path, for
+// gradcheck) are compared.
 template <typename A>
 struct ValueKey;
 template <typename A>
@@ -107,8 +108,8 @@ int64_t digit(const Key& key, int pass) {
 }
 
 // Stable LSD radix sort of keys[0, n) by their 32 value bits, in kPasses digits of kBits bits (the value's
-// lowest bit at Key::kShift[0]), ping-ponging with tmp, with kPasses << kBits counts; returns where the result
-// is. Stability keeps the input order of equal values: ascending ids.
+// lowest bit at Key::kShift[0]), ping-ponging with tmp, with kPasses << kBits counts; returns where the
+// result is. Stability keeps the input order of equal values: ascending ids.
 template <int kBits, int kPasses, typename Count, typename Key>
 Key* radix_sort_digits(Key* keys, Key* tmp, int64_t n, Count* count) {
   constexpr int64_t kRadix = int64_t(1) << kBits;

@@ -96,7 +96,9 @@ tokenizer, under CE only and under CE plus same-tokenizer KD: they show what dis
 the tokenizers agree."""
 
 DEFAULT_METHODS = ("control-ce", "control-kd", "ce", "gold", "pkl", "chain")
-"""What ``xtoken demo`` runs unless told (9 min 38 s on this project's 2-core machine at e69e10a): the controls, CE only, GOLD, the paper's P-KL and xtoken's chain KL. ``bench/quality/run_study.py`` runs every method."""
+"""What ``xtoken demo`` runs unless told (9 min 38 s and 9 min 57 s on this project's 2-core machine at
+e69e10a and 71a46e6): the controls, CE only, GOLD, the paper's P-KL and xtoken's chain KL.
+``bench/quality/run_study.py`` runs every method."""
 
 _METHOD_LOSSES = {"pkl-nemo": ("pkl", {"merge": NEMO_MERGE}), "pkl-learned": ("pkl", {"learn_projection": True})}
 
@@ -541,10 +543,10 @@ def _run_job(job: _Job, log: Callable[[str], None] = _print) -> tuple[Any, list[
 
 @contextlib.contextmanager
 def _objects_frozen():
-    """Python's cyclic garbage collector told to skip every object alive now (the imported modules, the corpus,
-    the job) while the block runs: its full collections, triggered by the trainer's many small objects per step,
-    scanned them all again and again (6% of a GOLD student's time in one A/B run). Objects are only scanned less
-    often; nothing that a result depends on changes."""
+    """Python's cyclic garbage collector told to skip every object alive now (the imported modules, the
+    corpus, the job) while the block runs: its full collections, triggered by the trainer's many small objects
+    per step, scanned them all again and again (6% of a GOLD student's time in one A/B run). Objects are only
+    scanned less often; nothing that a result depends on changes."""
     gc.collect()
     gc.freeze()
     try:
@@ -633,20 +635,20 @@ def _student_jobs(data: DemoData, teacher, variants: Sequence[StudentVariant]) -
                     projection = Projection.build(data.student_tokenizer, data.teacher_tokenizer,
                                                   **variant.projection_options)
             options = HYBRID_OPTIONS if variant.loss in ("gold", "hkl") else None
-            teachers = [Teacher(shared, data.teacher_tokenizer, projection, loss=variant.loss, options=options,
-                                **(variant.teacher_options or {}))]
+            teachers = [Teacher(shared, data.teacher_tokenizer, projection, loss=variant.loss,
+                                options=options, **(variant.teacher_options or {}))]
         jobs.append(_Job(variant.label, tokenizer, settings.student, data.seed + 2, settings.student_steps,
                          settings.student_lr, teachers, settings, data.seed, data.texts, data.test))
     return jobs
 
 
 class _SharedTeacher(torch.nn.Module):
-    """The trained teacher as the taught students' jobs see it. Every taught student reads the teacher on the same
-    batches, so a process keeps the teacher's final hidden states of each batch, and the later students of the
-    same jobs (the same ``key``) in that process only apply its lm_head to them: a process's first taught student
-    pays for the teacher's forward (as costly as its own), the others do not. The logits are the same bits: the
-    head gets the hidden states the forward would give it. The states of one set of jobs are kept per process
-    (about 0.3 MB a batch: 600 MB at the default budget's 2,000 steps)."""
+    """The trained teacher as the taught students' jobs see it. Every taught student reads the teacher on the
+    same batches, so a process keeps the teacher's final hidden states of each batch, and the later students of
+    the same jobs (the same ``key``) in that process only apply its lm_head to them: a process's first taught
+    student pays for the teacher's forward (as costly as its own), the others do not. The logits are the same
+    bits: the head gets the hidden states the forward would give it. The states of one set of jobs are kept per
+    process (about 0.3 MB a batch: 600 MB at the default budget's 2,000 steps)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         import uuid
@@ -671,7 +673,8 @@ class _SharedTeacher(torch.nn.Module):
         if kept is None:
             _KEPT_HIDDEN_STATES.clear()  # another set of jobs: the states of the last are no longer read
             kept = _KEPT_HIDDEN_STATES.setdefault(self.key, {})
-        batch = (input_ids.cpu().numpy().tobytes(), attention_mask.cpu().numpy().tobytes(), tuple(input_ids.shape))
+        ids, mask = input_ids.cpu().numpy(), attention_mask.cpu().numpy()
+        batch = (ids.tobytes(), mask.tobytes(), ids.shape)
         head = self.model.get_output_embeddings()
         hidden = kept.get(batch)
         if hidden is None:
@@ -706,9 +709,9 @@ def _pool(workers: int):
 
 
 def _set_up_worker() -> None:
-    """Worker set-up: one core each. The tokenizers library would encode each batch on a thread pool as wide as
-    the machine, whose threads take turns on the core the other worker is using (5% of a student's time here);
-    the encodings are the same either way."""
+    """Worker set-up: one core each. The tokenizers library would encode each batch on a thread pool as wide
+    as the machine, whose threads take turns on the core the other worker is using (5% of a student's time
+    here); the encodings are the same either way."""
     import os
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -738,9 +741,9 @@ def _keep_freed_memory() -> None:
 
 # Measured seconds per training step of the default toy's students relative to CE only (one thread, this
 # project's 2-core machine, at 8bcf88f, each student running the teacher's forward itself): the order in which
-# students start, longest first, so that ``workers`` processes finish close together (since a worker's second taught
-# student reads the kept teacher states, and KD got faster, at e69e10a: chain 210 s, GOLD 165 s, then KD 137 s and
-# P-KL 135 s, CE 108 s). Only the schedule depends on it, never a result.
+# students start, longest first, so that ``workers`` processes finish close together (since a worker's second
+# taught student reads the kept teacher states, and KD got faster, at e69e10a: chain 210 s, GOLD 165 s, then
+# KD 137 s and P-KL 135 s, CE 108 s). Only the schedule depends on it, never a result.
 _RELATIVE_COST = {None: 1.0, "pkl": 1.4, "kd": 1.7, "gold": 1.8, "hkl": 1.8, "uld": 1.8, "chain": 2.2,
                   "pkl+chain": 2.3}
 
