@@ -17,7 +17,9 @@
 // Work split: one chunk at a time per OpenMP thread (dynamic schedule), thread-private buffers; the bucket sums
 // run in sorted-row order, so results do not depend on the thread count. A level over a whole row (depth 0, most
 // of the work) takes the row's max and exps, and in the backward its gradient, in contiguous vectorized passes;
-// the exps are the values the sorted-order pass would compute, and the sums keep their order.
+// the exps are the values the sorted-order pass would compute, and the sums keep their order. The buckets' terms
+// (two logs, two exps and a division each, for up to V_t + 1 buckets a level) run in one vectorized pass with
+// cpu_math's exp/log, and their sums in bucket order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -64,6 +66,7 @@ struct ChainCpu {
   struct Work {
     std::vector<uint8_t> flags;
     std::vector<A> r_of, g, e, r_tok;
+    std::vector<A> log_cond, log_plain, r_run, model_r, kl;  // per bucket (the runs, then "ends here" if no run is)
     std::vector<Run> runs;
     Work(int64_t V_s, int64_t V_t)
         : flags(std::max(V_s, V_t), 0), r_of(V_s), g(V_s), e(std::max(V_s, V_t)), r_tok(V_s) {}
@@ -84,6 +87,28 @@ struct ChainCpu {
   }
   int64_t plain_width(const ChainLevel& lv) const { return lv.teacher_side ? p.V_t : p.V_s; }
   RowLse<A>& plain_lse(const ChainLevel& lv) const { return lv.teacher_side ? lse_t[lv.plain_row] : lse_s[lv.plain_row]; }
+
+  // Per bucket j of a level, from the log of its conditioned mass's sum lc[j] (before normalizing by log_total)
+  // and the plain side's log-probability lp[j]: r[j] = T / (M + eps), model_r[j] = M r[j] and the KL term
+  // kl[j] = T (log T - log(M + eps)) (0 where T = 0; a NaN T propagates). One vectorized pass (the side is a
+  // template argument: GCC does not vectorize a select on a loop-invariant bool).
+  template <bool target_is_plain>
+  static void bucket_terms(int64_t n, A log_total, const A* __restrict lc, const A* __restrict lp,
+                           A* __restrict r, A* __restrict model_r, A* __restrict kl) {
+    const A eps = static_cast<A>(kPklEps);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const A log_cond = cpu_math::log(lc[j]) - log_total;
+      const A log_t = target_is_plain ? lp[j] : log_cond;
+      const A log_m = target_is_plain ? log_cond : lp[j];
+      const A t = cpu_math::exp(log_t), model = cpu_math::exp(log_m);
+      const bool live = t != 0;
+      const A rj = live ? t / (model + eps) : A(0);
+      r[j] = rj;
+      model_r[j] = model * rj;
+      kl[j] = live ? t * (log_t - cpu_math::log(model + eps)) : A(0);
+    }
+  }
 
   // The level's KL. Fills w.runs (with r per run) and w.flags (cleared by clear_flags), and returns the max
   // shift, the log of the range's total and R through the out-parameters, for the backward.
@@ -107,19 +132,26 @@ struct ChainCpu {
       for (int64_t v = 0; v < tab.V; ++v) ex[v] = cpu_math::exp(scaled_shift(cpu_math::load<A>(zc[v]), mx, inv_tau));
     }
     w.runs.clear();
-    double total = 0;
+    double total = 0, run_sum = 0;  // the sums in registers; a run is stored when it ends
+    int64_t begin = lv.lo;
+    int32_t current = lv.lo < lv.hi ? tab.pieces[lv.lo * tab.L + lv.depth] : 0;
     for (int64_t r = lv.lo; r < lv.hi; ++r) {  // in sorted-row order, whichever way the exps came
       const int32_t piece = tab.pieces[r * tab.L + lv.depth];
-      if (w.runs.empty() || w.runs.back().piece != piece) w.runs.push_back({piece, r, r, 0.0, A(0)});
+      if (piece != current) {
+        w.runs.push_back({current, begin, r, run_sum, A(0)});
+        current = piece;
+        begin = r;
+        run_sum = 0;
+      }
       const int32_t v = tab.order[r];
       const A e = whole ? ex[v] :
                           cpu_math::exp(scaled_shift(cpu_math::load<A>(zc[v]), mx, inv_tau));
-      w.runs.back().end = r + 1;
-      w.runs.back().sum += e;
+      run_sum += e;
       total += e;
     }
+    if (lv.lo < lv.hi) w.runs.push_back({current, begin, lv.hi, run_sum, A(0)});
     shift = mx;
-    log_total = total > 0 ? static_cast<A>(std::log(total)) : A(0);
+    log_total = total > 0 ? static_cast<A>(std::log(total)) : A(0);  // once a level: libm
     const T* zp = plain_row(lv);
     const int64_t V_p = plain_width(lv);
     const RowLse<A> L = plain_lse(lv);
@@ -132,30 +164,45 @@ struct ChainCpu {
       return flags[u] ? A(0) : e;
     });
     const A log_plain_end = end_mass > 0 ? static_cast<A>(std::log(end_mass)) : -std::numeric_limits<A>::infinity();
-    const bool target_is_plain = lv.teacher_side;
-    A loss = 0;
-    R = 0;
-    r_end = 0;
-    bool has_end_run = false;
-    const auto bucket = [&](A log_cond, A log_plain, A& r_out) {
-      const A log_t = target_is_plain ? log_plain : log_cond;
-      const A log_m = target_is_plain ? log_cond : log_plain;
-      const A t = std::exp(log_t), model = std::exp(log_m);
-      r_out = t != 0 ? t / (model + A(kPklEps)) : A(0);  // a NaN t propagates
-      R += model * r_out;
-      if (t != 0) loss += t * (log_t - std::log(model + A(kPklEps)));
-    };
-    for (Run& run : w.runs) {
-      const A log_cond = static_cast<A>(std::log(run.sum)) - log_total;
+    // The buckets' terms in one vectorized pass over the runs (plus the "ends here" bucket when no token of the
+    // range ends here): the log of each side's bucket mass, then T, M, r = T / (M + eps) and the sums.
+    const int64_t n_runs = static_cast<int64_t>(w.runs.size());
+    for (std::vector<A>* v : {&w.log_cond, &w.log_plain, &w.r_run, &w.model_r, &w.kl}) v->resize(n_runs + 1);
+    A* lc = w.log_cond.data();
+    A* lp = w.log_plain.data();
+    int64_t end_at = n_runs;  // the bucket whose r is r_end
+    for (int64_t j = 0; j < n_runs; ++j) {
+      const Run& run = w.runs[j];
+      lc[j] = static_cast<A>(run.sum);
       if (run.piece < 0) {
-        has_end_run = true;
-        bucket(log_cond, log_plain_end, run.r);
-        r_end = run.r;
+        lp[j] = log_plain_end;
+        end_at = j;
       } else {
-        bucket(log_cond, L.log_prob(cpu_math::load<A>(zp[run.piece]), inv_tau), run.r);
+        lp[j] = L.log_prob(cpu_math::load<A>(zp[run.piece]), inv_tau);
       }
     }
-    if (!has_end_run) bucket(-std::numeric_limits<A>::infinity(), log_plain_end, r_end);
+    int64_t n_buckets = n_runs;
+    if (end_at == n_runs) {  // no token of the range ends here: its conditional mass is 0
+      lc[n_runs] = 0;
+      lp[n_runs] = log_plain_end;
+      n_buckets = n_runs + 1;
+    }
+    if (lv.teacher_side) {
+      bucket_terms<true>(n_buckets, log_total, lc, lp, w.r_run.data(), w.model_r.data(), w.kl.data());
+    } else {
+      bucket_terms<false>(n_buckets, log_total, lc, lp, w.r_run.data(), w.model_r.data(), w.kl.data());
+    }
+    const A* rr = w.r_run.data();
+    const A* mr = w.model_r.data();
+    const A* kl = w.kl.data();
+    A loss = 0, R_sum = 0;
+    for (int64_t j = 0; j < n_buckets; ++j) {  // in bucket order
+      R_sum += mr[j];
+      loss += kl[j];
+    }
+    for (int64_t j = 0; j < n_runs; ++j) w.runs[j].r = rr[j];
+    R = R_sum;
+    r_end = rr[end_at];
     return loss;
   }
 
