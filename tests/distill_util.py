@@ -122,6 +122,7 @@ def train(
     learning_rate: float = 1e-2,
     fused_linear: bool = False,
     teacher_settings: dict | None = None,
+    keep_encodings: int = 0,
 ):
     """Train a tiny student for ``steps`` optimizer steps on :data:`TEXTS` (fixed order), or with ``chat`` on
     :data:`CHATS` (a Llama-3 template student, teachers with their own templates), and return the trainer. With
@@ -153,7 +154,7 @@ def train(
     trainer = xtoken.DistillationTrainer(
         student, args, teachers=teacher_list, student_tokenizer=student_tok,
         kd_scaling=kd_scaling, max_length=max_length, train_dataset=CHATS if chat else TEXTS, fused_linear=fused_linear,
-        **extra,
+        keep_encodings=keep_encodings, **extra,
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=resume)
     return trainer

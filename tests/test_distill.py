@@ -54,6 +54,79 @@ def test_collator_aligns_every_teacher(tokenizers):
     assert pickle.loads(pickle.dumps(collate))(TEXTS[:5])["input_ids"].equal(batch["input_ids"])
 
 
+def test_collator_keeps_encodings(tokenizers):
+    """keep_encodings: over three epochs of shuffled batches (texts and conversations, a teacher that is the
+    student), the batches equal those of a collator without it; each distinct side encodes each text once;
+    the caller's span tokenizers are not touched; a pickled collator starts with nothing kept; bad values."""
+    import random
+
+    from xtoken.align import KeptEncodings, as_span_tokenizer
+
+    student, teachers = tokenizers
+    sides = [teachers["digits"], teachers["sentencepiece"], None]
+    plain = DistillationCollator(student, sides, max_length=40)
+    kept = DistillationCollator(student, sides, max_length=40, keep_encodings=len(TEXTS))
+    assert isinstance(kept.student, KeptEncodings) and kept.teachers[2] is kept.student
+    assert kept.student.tokenizer is plain.student  # the wrapper cached for the tokenizer, not modified
+    calls = {}
+    for i, side in enumerate([kept.student, kept.teachers[0], kept.teachers[1]]):
+        inner = side.tokenizer.encode_spans
+
+        def counted(texts, *, _i=i, _inner=inner, **options):
+            calls.setdefault(_i, []).extend(texts)
+            return _inner(texts, **options)
+
+        side.tokenizer = _Counting(side.tokenizer, counted)
+    rng = random.Random(0)
+    chat = dict(student_chat_template="chatml", max_length=40)
+    plain_chat = DistillationCollator(student, [None], **chat)
+    kept_chat = DistillationCollator(student, [None], **chat, keep_encodings=len(TEXTS))
+    conversations = [[{"role": "user", "content": t}, {"role": "assistant", "content": t[::-1]}] for t in TEXTS]
+    for _ in range(3):
+        order = list(range(len(TEXTS)))
+        rng.shuffle(order)
+        for start in range(0, len(order), 3):
+            batch = order[start : start + 3]
+            _assert_same_batch(plain([TEXTS[i] for i in batch]), kept([TEXTS[i] for i in batch]))
+            talks = [conversations[i] for i in batch]
+            _assert_same_batch(plain_chat(talks), kept_chat(talks))
+    assert sorted(calls) == [0, 1, 2]
+    for i, texts in calls.items():
+        assert sorted(texts) == sorted(set(TEXTS)), f"side {i} did not encode each text exactly once"
+    assert as_span_tokenizer(student) is plain.student and not plain.student._keep
+    assert len(kept_chat.student._kept) == len(set(TEXTS))  # TEXTS holds each text twice
+    copy = pickle.loads(pickle.dumps(kept_chat))
+    assert len(copy.student._kept) == 0 and copy.student._keep == len(TEXTS)
+    _assert_same_batch(copy(conversations[:2]), plain_chat(conversations[:2]))
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="keep_encodings: expected an integer >= 0"):
+            DistillationCollator(student, sides, keep_encodings=bad)
+
+
+class _Counting(xtoken.align.SpanTokenizer):
+    """A span tokenizer that reports every text it encodes."""
+
+    def __init__(self, inner, encode):
+        self.inner, self._encode, self.pad_token_id = inner, encode, inner.pad_token_id
+
+    def encode_spans(self, texts, *, add_special_tokens, max_length):
+        return self._encode(texts, add_special_tokens=add_special_tokens, max_length=max_length)
+
+    def token(self, token_id):
+        return self.inner.token(token_id)
+
+
+def _assert_same_batch(a, b):
+    assert a.keys() == b.keys()
+    assert a.get("conversations") == b.get("conversations")
+    for key in ("input_ids", "attention_mask", "labels", "student_targets"):
+        assert torch.equal(a[key], b[key]), key
+    for x, y in zip(a["teachers"], b["teachers"], strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+
+
 def test_collator_rejects_examples_without_text(tokenizers):
     student, teachers = tokenizers
     collate = DistillationCollator(student, [teachers["digits"]])

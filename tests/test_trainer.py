@@ -81,6 +81,21 @@ def test_same_tokenizer_teacher_with_a_cross_tokenizer_teacher(tmp_path):
     assert logs[0]["student_dropped/same"] == logs[0]["teacher_dropped/same"]
 
 
+def test_kept_encodings_train_the_same_student(tmp_path):
+    """keep_encodings reaches the collator, and two epochs (22 texts, 11 steps of 4 with the last partial batch
+    dropped) train the same student bit for bit as without it."""
+    from xtoken.align import KeptEncodings
+
+    kwargs = dict(teachers=["digits", "same"], batch_size=4, steps=11)
+    plain = train(str(tmp_path / "plain"), **kwargs)
+    kept = train(str(tmp_path / "kept"), keep_encodings=len(TEXTS), **kwargs)
+    assert isinstance(kept.data_collator.student, KeptEncodings)
+    assert not isinstance(plain.data_collator.student, KeptEncodings)
+    assert len(kept.data_collator.student._kept) == len(set(TEXTS))
+    assert training_logs(kept) == training_logs(plain)
+    assert torch.equal(weights(kept), weights(plain))
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     # Fixed weights: the normalization over the step's global counts makes the split invisible.
     kwargs = dict(teachers=["digits", "sentencepiece"], steps=3, kd_scaling=(1.0, 0.5))

@@ -37,6 +37,7 @@ __all__ = [
     "TokenSpans",
     "SpanTokenizer",
     "HFSpanTokenizer",
+    "KeptEncodings",
     "as_span_tokenizer",
     "SpanAlignment",
     "align_spans",
@@ -142,9 +143,7 @@ class HFSpanTokenizer(SpanTokenizer):
         """Keep the encodings of up to ``texts`` distinct texts, the least recently used dropped first (0, the
         default: none), so that training that sees a small corpus for several epochs encodes each text once.
         A batch then costs a lookup per text and a concatenation; its result is the same."""
-        if not isinstance(texts, int) or isinstance(texts, bool) or texts < 0:
-            raise ValueError(f"texts: expected an integer >= 0, got {texts!r}")
-        self._keep = texts
+        self._keep = _check_kept_texts(texts)
         while len(self._kept) > texts:
             self._kept.popitem(last=False)
 
@@ -171,24 +170,7 @@ class HFSpanTokenizer(SpanTokenizer):
     def encode_spans(self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None) -> TokenSpans:
         if not self._keep or not texts:
             return self._encode_spans(texts, add_special_tokens=add_special_tokens, max_length=max_length)
-        keys = [(text, bool(add_special_tokens), max_length) for text in texts]
-        kept = self._kept
-        new = list(dict.fromkeys(key for key in keys if key not in kept))
-        if new:
-            encoded = self._encode_spans([key[0] for key in new], add_special_tokens=add_special_tokens,
-                                         max_length=max_length)
-            ends = np.cumsum(encoded.lengths)
-            for key, end, length in zip(new, ends.tolist(), encoded.lengths.tolist()):
-                kept[key] = (encoded.ids[end - length : end].copy(), encoded.spans[end - length : end].copy())
-        found = []
-        for key in keys:
-            kept.move_to_end(key)
-            found.append(kept[key])
-        while len(kept) > self._keep:
-            kept.popitem(last=False)
-        lengths = np.fromiter((len(ids) for ids, _ in found), dtype=np.int64, count=len(found))
-        return TokenSpans(ids=np.concatenate([ids for ids, _ in found]),
-                          spans=np.concatenate([spans for _, spans in found]), lengths=lengths)
+        return _encode_kept(self._encode_spans, self._kept, self._keep, texts, add_special_tokens, max_length)
 
     def _encode_spans(self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None) -> TokenSpans:
         if _pads_or_truncates(self._tokenizer):  # someone set the shared tokenizer to pad or truncate since
@@ -225,6 +207,73 @@ class HFSpanTokenizer(SpanTokenizer):
 
         state["_tokenizer"] = Tokenizer.from_str(state["_tokenizer"])
         self.__dict__.update(state)
+
+
+class KeptEncodings(SpanTokenizer):
+    """``tokenizer`` (any :class:`SpanTokenizer`) with the encodings of up to ``texts`` distinct texts kept,
+    the least recently used dropped first, so that training that sees a corpus for several epochs encodes each
+    text once: a batch then costs a lookup per text and a concatenation, and encodes as ``tokenizer`` does.
+    The wrapped tokenizer is not modified. A pickled copy (a DataLoader worker's) starts with nothing kept."""
+
+    def __init__(self, tokenizer: SpanTokenizer, texts: int) -> None:
+        if not isinstance(tokenizer, SpanTokenizer):
+            raise TypeError(
+                f"tokenizer: expected an xtoken.align.SpanTokenizer, got {type(tokenizer).__name__}"
+            )
+        self.tokenizer = tokenizer
+        self._keep = _check_kept_texts(texts)
+        self._kept: OrderedDict = OrderedDict()
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.token(token_id)
+
+    def encode_spans(
+        self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None
+    ) -> TokenSpans:
+        encode = self.tokenizer.encode_spans
+        if not self._keep or not texts:
+            return encode(texts, add_special_tokens=add_special_tokens, max_length=max_length)
+        return _encode_kept(encode, self._kept, self._keep, texts, add_special_tokens, max_length)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_kept": OrderedDict()}
+
+    def __repr__(self) -> str:
+        return f"KeptEncodings({self.tokenizer!r}, {self._keep})"
+
+
+def _check_kept_texts(texts: int) -> int:
+    if not isinstance(texts, int) or isinstance(texts, bool) or texts < 0:
+        raise ValueError(f"texts: expected an integer >= 0, got {texts!r}")
+    return texts
+
+
+def _encode_kept(encode, kept: OrderedDict, keep: int, texts: Sequence[str], add_special_tokens: bool,
+                 max_length: int | None) -> TokenSpans:
+    """``encode``'s spans of ``texts`` through ``kept`` ((text, add_special_tokens, max_length) -> (ids,
+    spans), least recently used first, at most ``keep`` entries once done): the texts not kept are encoded in
+    one call."""
+    keys = [(text, bool(add_special_tokens), max_length) for text in texts]
+    new = list(dict.fromkeys(key for key in keys if key not in kept))
+    if new:
+        encoded = encode([key[0] for key in new], add_special_tokens=add_special_tokens,
+                         max_length=max_length)  # fmt: skip
+        ends = np.cumsum(encoded.lengths)
+        for key, end, length in zip(new, ends.tolist(), encoded.lengths.tolist()):
+            kept[key] = (encoded.ids[end - length : end].copy(), encoded.spans[end - length : end].copy())
+    found = []
+    for key in keys:
+        kept.move_to_end(key)
+        found.append(kept[key])
+    while len(kept) > keep:
+        kept.popitem(last=False)
+    lengths = np.fromiter((len(ids) for ids, _ in found), dtype=np.int64, count=len(found))
+    return TokenSpans(ids=np.concatenate([ids for ids, _ in found]),
+                      spans=np.concatenate([spans for _, spans in found]), lengths=lengths)
 
 
 def as_span_tokenizer(tokenizer) -> SpanTokenizer:

@@ -438,6 +438,9 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--train-on", default="assistant", choices=["assistant", "all"],
                    help="conversations: train on the assistant messages (default) or on everything")  # fmt: skip
+    p.add_argument("--keep-encodings", type=_nonnegative_int, default=0, metavar="N",
+                   help="keep the encodings of up to N texts per tokenizer, so that each text of a corpus "
+                        "trained on for several epochs is encoded once (default 0: none)")  # fmt: skip
     p.add_argument("--on-policy", type=float, default=0.0, metavar="LMBDA",
                    help="conversations: the share of steps on which the student samples the answers (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="on-policy: tokens sampled per answer (default 128)")
@@ -641,7 +644,7 @@ def _run_distill(args: argparse.Namespace) -> int:
     trainer = DistillationTrainer(
         student, training_args, teachers=teachers, student_tokenizer=student_tok, kd_scaling=kd_scaling,
         max_length=args.max_length, train_dataset=texts, train_on=args.train_on, on_policy=args.on_policy,
-        generation_config=generation, fused_linear=args.fused_linear,
+        generation_config=generation, fused_linear=args.fused_linear, keep_encodings=args.keep_encodings,
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=last if args.resume else None)
     trainer.save_model(str(output))

@@ -23,7 +23,16 @@ import torch
 
 from . import fused_linear, losses
 from . import checks
-from .align import CHUNK_SHAPES, AlignStats, _max_length, _pad, align_spans, as_span_tokenizer, example_texts
+from .align import (
+    CHUNK_SHAPES,
+    AlignStats,
+    KeptEncodings,
+    _max_length,
+    _pad,
+    align_spans,
+    as_span_tokenizer,
+    example_texts,
+)
 from .chat import (
     ChatTemplate,
     Conversation,
@@ -445,6 +454,10 @@ class DistillationCollator:
         student_chat_template: how the student renders conversations (``None``: its tokenizer's own template).
         train_on: ``"assistant"`` or ``"all"``: what the losses and the CE train on in a conversation
             (:func:`xtoken.align_conversations`).
+        keep_encodings: keep the encodings of up to this many distinct texts per tokenizer (0, the default:
+            none; :class:`xtoken.align.KeptEncodings`), so that training that sees a corpus for several epochs
+            encodes each text once; the batches are the same. Conversations keep their rendered texts. Each
+            DataLoader worker keeps its own (a pickled collator starts with nothing kept).
     """
 
     def __init__(
@@ -457,12 +470,20 @@ class DistillationCollator:
         text_key: str = "text",
         student_chat_template: Any = None,
         train_on: str = "assistant",
+        keep_encodings: int = 0,
     ) -> None:
         max_length = _max_length(max_length)
         _check_train_on(train_on)
+        if not isinstance(keep_encodings, int) or isinstance(keep_encodings, bool) or keep_encodings < 0:
+            raise ValueError(
+                f"keep_encodings: expected an integer >= 0 (texts kept per tokenizer), got {keep_encodings!r}"
+            )
         self.student = as_span_tokenizer(student_tokenizer)
         tokenizers = [t.tokenizer if isinstance(t, Teacher) else t for t in teacher_tokenizers]
         self.teachers = [self.student if t is None else as_span_tokenizer(t) for t in tokenizers]
+        if keep_encodings:  # a wrapper per distinct side: a teacher that is the student stays the student
+            kept = {id(t): KeptEncodings(t, keep_encodings) for t in (self.student, *self.teachers)}
+            self.student, self.teachers = kept[id(self.student)], [kept[id(t)] for t in self.teachers]
         self.max_length = max_length
         self.add_special_tokens = add_special_tokens
         self.text_key = text_key

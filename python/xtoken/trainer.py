@@ -94,6 +94,9 @@ class DistillationTrainer(Trainer):
             scale) keeps the logits path, with a warning; so does everything when the student is such a model,
             when there is no teacher, or under FSDP / DeepSpeed ZeRO-3 (which shard the lm_head weight).
             Evaluation computes logits as usual. ``ddp_find_unused_parameters`` defaults to False with it.
+        keep_encodings: keep the encodings of up to this many texts per tokenizer in the collator, so that
+            each text of a corpus trained on for several epochs is encoded once
+            (:class:`DistillationCollator`; ignored when ``data_collator`` is given).
         train_dataset, eval_dataset: texts, or mappings (e.g. a ``datasets.Dataset``) with ``text_key``; or
             conversations: examples with ``"messages"`` (lists of ``{"role", "content"}``) or with ``"prompt"`` and
             ``"completion"``, which the student and each teacher render with their own chat templates
@@ -156,6 +159,7 @@ class DistillationTrainer(Trainer):
         generation_config: Any = None,
         generator: CompletionGenerator | None = None,
         fused_linear: bool = False,
+        keep_encodings: int = 0,
         **kwargs: Any,
     ) -> None:
         check_kd_scaling(kd_scaling)
@@ -181,7 +185,7 @@ class DistillationTrainer(Trainer):
             "data_collator",
             DistillationCollator(
                 student_tokenizer, [p.teacher for p in self.teachers], max_length=max_length, text_key=text_key,
-                student_chat_template=student_chat_template, train_on=train_on,
+                student_chat_template=student_chat_template, train_on=train_on, keep_encodings=keep_encodings,
             ),
         )  # fmt: skip
         self.on_policy = float(on_policy)
