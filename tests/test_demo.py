@@ -55,7 +55,7 @@ def test_demo_quick_runs(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     ran = [METHODS[m] for m in DEFAULT_METHODS]
     assert list(results["accuracy"]) == ["teacher", *ran]
-    assert "trainer (Teacher(loss='auto')): chain" in printed
+    assert "trainer (Teacher(loss='auto')): pkl+chain" in printed
     diagnosed = [METHODS[m] for m in DEFAULT_METHODS if not m.startswith("control-")]
     assert list(results["lone_digit"]) == list(results["repdigit"]) == diagnosed
     assert all(0 <= a <= 1 for a in results["accuracy"].values())

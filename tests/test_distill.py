@@ -141,8 +141,8 @@ def test_auto_loss_follows_the_audit(tokenizers, projections):
     model = tiny_lm(8, seed=0)
     digits = Teacher(model, teachers["digits"], projections["digits"])
     audit = projections["digits"].audit()
-    assert audit.recommendation == "pkl" and digits.resolved_loss() == audit.teacher_loss == "chain"
-    assert "trainer (Teacher(loss='auto')): chain" in str(audit)
+    assert audit.recommendation == "pkl" and digits.resolved_loss() == audit.teacher_loss == "pkl+chain"
+    assert "trainer (Teacher(loss='auto')): pkl+chain" in str(audit)
     assert Teacher(model).resolved_loss() == "kd"
     bare = xtoken.Projection(projections["digits"].idx, projections["digits"].val)
     with pytest.raises(ValueError, match="name the loss"):

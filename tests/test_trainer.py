@@ -112,7 +112,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 @pytest.mark.parametrize("teachers", [["digits"], ["sentencepiece", "same"]], ids=["one", "two"])
 def test_fused_linear_equals_the_logits_path(tmp_path, teachers):
     # Dynamic scaling, CE fused into the first teacher's blocks, a cross-tokenizer and a same-tokenizer teacher.
-    # P-KL named (loss="auto" now picks the chain for "digits"; the chain is compared in the next test).
+    # P-KL named (loss="auto" picks P-KL + chain for "digits"; the chain losses are compared in the next test).
     pkl = dict(loss="pkl") if teachers == ["digits"] else None
     logits = train(str(tmp_path / "logits"), teachers=teachers, batch_size=4, steps=3, teacher_settings=pkl)
     widths = []

@@ -153,9 +153,9 @@ class Teacher:
         projection: W from the student vocabulary to this teacher's (:meth:`Projection.build`); ``None``
             for a teacher with the student's vocabulary.
         loss: ``"pkl"``, ``"hkl"``, ``"gold"``, ``"uld"``, ``"kd"``, ``"chain"``, ``"pkl+chain"`` or ``"auto"``:
-            the coverage audit's choice when there is a projection (``"chain"`` where the teacher splits the
-            student's packed numerals, else ``"hkl"``: :attr:`ProjectionAudit.teacher_loss`), ``"kd"`` when there
-            is none.
+            the coverage audit's choice when there is a projection (``"pkl+chain"`` where the teacher splits
+            the student's packed numerals, else ``"hkl"``: :attr:`ProjectionAudit.teacher_loss`), ``"kd"`` when
+            there is none.
         weight: alpha_m, the teacher's static weight in ``L_kd_total = sum_m alpha_m L_m``.
         dtype: the dtype the teacher runs in (e.g. ``torch.bfloat16``); ``None`` keeps the model's. Its
             logits are cast to the student logits' dtype for the loss.
@@ -209,7 +209,7 @@ class Teacher:
 
     def resolved_loss(self) -> str:
         """The loss this teacher uses: ``loss``, or for ``"auto"`` the coverage audit's choice
-        (:attr:`ProjectionAudit.teacher_loss`: the chain KL where the teacher splits what the student packs,
+        (:attr:`ProjectionAudit.teacher_loss`: P-KL + chain KL where the teacher splits what the student packs,
         H-KL otherwise; ``"kd"`` without a projection)."""
         if self.loss != "auto":
             return self.loss
