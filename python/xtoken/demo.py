@@ -96,8 +96,9 @@ tokenizer, under CE only and under CE plus same-tokenizer KD: they show what dis
 the tokenizers agree."""
 
 DEFAULT_METHODS = ("control-ce", "control-kd", "ce", "gold", "pkl", "chain")
-"""What ``xtoken demo`` runs unless told (9 min 38 s and 9 min 57 s on this project's 2-core machine at
-e69e10a and 71a46e6): the controls, CE only, GOLD, the paper's P-KL and xtoken's chain KL.
+"""What ``xtoken demo`` runs unless told (8 min 58 s on this project's 2-core machine at bed1117): the
+controls, CE only, GOLD, the paper's P-KL and xtoken's chain KL (``Teacher(loss="auto")`` trains P-KL + chain,
+``--methods pkl+chain``, which scored higher in the study but costs both kernels).
 ``bench/quality/run_study.py`` runs every method."""
 
 _METHOD_LOSSES = {"pkl-nemo": ("pkl", {"merge": NEMO_MERGE}), "pkl-learned": ("pkl", {"learn_projection": True})}
@@ -743,7 +744,8 @@ def _keep_freed_memory() -> None:
 # project's 2-core machine, at 8bcf88f, each student running the teacher's forward itself): the order in which
 # students start, longest first, so that ``workers`` processes finish close together (since a worker's second
 # taught student reads the kept teacher states, and KD got faster, at e69e10a: chain 210 s, GOLD 165 s, then
-# KD 137 s and P-KL 135 s, CE 108 s). Only the schedule depends on it, never a result.
+# KD 137 s and P-KL 135 s, CE 108 s; the chain 181 s at bed1117). Only the schedule depends on it, never a
+# result.
 _RELATIVE_COST = {None: 1.0, "pkl": 1.4, "kd": 1.7, "gold": 1.8, "hkl": 1.8, "uld": 1.8, "chain": 2.2,
                   "pkl+chain": 2.3}
 
