@@ -66,7 +66,7 @@ struct ChainCpu {
   struct Work {
     std::vector<uint8_t> flags;
     std::vector<A> r_of, g, e, r_tok;
-    std::vector<A> log_cond, log_plain, r_run, model_r, kl;  // per bucket (the runs, then "ends here" if no run is)
+    std::vector<A> cond_sum, log_plain, r_run, model_r, kl;  // per bucket (the runs, then "ends here" if no run is)
     std::vector<Run> runs;
     Work(int64_t V_s, int64_t V_t)
         : flags(std::max(V_s, V_t), 0), r_of(V_s), g(V_s), e(std::max(V_s, V_t)), r_tok(V_s) {}
@@ -88,17 +88,17 @@ struct ChainCpu {
   int64_t plain_width(const ChainLevel& lv) const { return lv.teacher_side ? p.V_t : p.V_s; }
   RowLse<A>& plain_lse(const ChainLevel& lv) const { return lv.teacher_side ? lse_t[lv.plain_row] : lse_s[lv.plain_row]; }
 
-  // Per bucket j of a level, from the log of its conditioned mass's sum lc[j] (before normalizing by log_total)
+  // Per bucket j of a level, from its conditioned side's sum of exps cs[j] (log cond = log cs[j] - log_total)
   // and the plain side's log-probability lp[j]: r[j] = T / (M + eps), model_r[j] = M r[j] and the KL term
   // kl[j] = T (log T - log(M + eps)) (0 where T = 0; a NaN T propagates). One vectorized pass (the side is a
   // template argument: GCC does not vectorize a select on a loop-invariant bool).
   template <bool target_is_plain>
-  static void bucket_terms(int64_t n, A log_total, const A* __restrict lc, const A* __restrict lp,
+  static void bucket_terms(int64_t n, A log_total, const A* __restrict cs, const A* __restrict lp,
                            A* __restrict r, A* __restrict model_r, A* __restrict kl) {
     const A eps = static_cast<A>(kPklEps);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const A log_cond = cpu_math::log(lc[j]) - log_total;
+      const A log_cond = cpu_math::log(cs[j]) - log_total;
       const A log_t = target_is_plain ? lp[j] : log_cond;
       const A log_m = target_is_plain ? log_cond : lp[j];
       const A t = cpu_math::exp(log_t), model = cpu_math::exp(log_m);
@@ -165,15 +165,15 @@ struct ChainCpu {
     });
     const A log_plain_end = end_mass > 0 ? static_cast<A>(std::log(end_mass)) : -std::numeric_limits<A>::infinity();
     // The buckets' terms in one vectorized pass over the runs (plus the "ends here" bucket when no token of the
-    // range ends here): the log of each side's bucket mass, then T, M, r = T / (M + eps) and the sums.
+    // range ends here), then their sums in bucket order.
     const int64_t n_runs = static_cast<int64_t>(w.runs.size());
-    for (std::vector<A>* v : {&w.log_cond, &w.log_plain, &w.r_run, &w.model_r, &w.kl}) v->resize(n_runs + 1);
-    A* lc = w.log_cond.data();
+    for (std::vector<A>* v : {&w.cond_sum, &w.log_plain, &w.r_run, &w.model_r, &w.kl}) v->resize(n_runs + 1);
+    A* cs = w.cond_sum.data();
     A* lp = w.log_plain.data();
     int64_t end_at = n_runs;  // the bucket whose r is r_end
     for (int64_t j = 0; j < n_runs; ++j) {
       const Run& run = w.runs[j];
-      lc[j] = static_cast<A>(run.sum);
+      cs[j] = static_cast<A>(run.sum);
       if (run.piece < 0) {
         lp[j] = log_plain_end;
         end_at = j;
@@ -183,14 +183,14 @@ struct ChainCpu {
     }
     int64_t n_buckets = n_runs;
     if (end_at == n_runs) {  // no token of the range ends here: its conditional mass is 0
-      lc[n_runs] = 0;
+      cs[n_runs] = 0;
       lp[n_runs] = log_plain_end;
       n_buckets = n_runs + 1;
     }
     if (lv.teacher_side) {
-      bucket_terms<true>(n_buckets, log_total, lc, lp, w.r_run.data(), w.model_r.data(), w.kl.data());
+      bucket_terms<true>(n_buckets, log_total, cs, lp, w.r_run.data(), w.model_r.data(), w.kl.data());
     } else {
-      bucket_terms<false>(n_buckets, log_total, lc, lp, w.r_run.data(), w.model_r.data(), w.kl.data());
+      bucket_terms<false>(n_buckets, log_total, cs, lp, w.r_run.data(), w.model_r.data(), w.kl.data());
     }
     const A* rr = w.r_run.data();
     const A* mr = w.model_r.data();
