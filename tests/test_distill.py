@@ -101,6 +101,10 @@ def test_collator_keeps_encodings(tokenizers):
     for bad in (-1, 1.5, True, "3"):
         with pytest.raises(ValueError, match="keep_encodings: expected an integer >= 0"):
             DistillationCollator(student, sides, keep_encodings=bad)
+        with pytest.raises(ValueError, match="texts: expected an integer >= 0"):
+            KeptEncodings(plain.student, bad)
+    with pytest.raises(TypeError, match="tokenizer: expected an xtoken.align.SpanTokenizer, got str"):
+        KeptEncodings("llama3.2", 4)
 
 
 class _Counting(xtoken.align.SpanTokenizer):
