@@ -96,9 +96,10 @@ tokenizer, under CE only and under CE plus same-tokenizer KD: they show what dis
 the tokenizers agree."""
 
 DEFAULT_METHODS = ("control-ce", "control-kd", "ce", "gold", "pkl", "chain")
-"""What ``xtoken demo`` runs unless told (8 min 58 s on this project's 2-core machine at bed1117): the
-controls, CE only, GOLD, the paper's P-KL and xtoken's chain KL (``Teacher(loss="auto")`` trains P-KL + chain,
-``--methods pkl+chain``, which scored higher in the study but costs both kernels).
+"""What ``xtoken demo`` runs unless told (8 min 58 s and 8 min 48 s on this project's 2-core machine at
+bed1117 and 1844976): the controls, CE only, GOLD, the paper's P-KL and xtoken's chain KL
+(``Teacher(loss="auto")`` trains P-KL + chain, ``--methods pkl+chain``, which scored higher in the study but
+costs both kernels).
 ``bench/quality/run_study.py`` runs every method."""
 
 _METHOD_LOSSES = {"pkl-nemo": ("pkl", {"merge": NEMO_MERGE}), "pkl-learned": ("pkl", {"learn_projection": True})}
