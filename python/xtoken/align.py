@@ -246,9 +246,9 @@ class KeptEncodings(SpanTokenizer):
         return f"KeptEncodings({self.tokenizer!r}, {self._keep})"
 
 
-def _check_kept_texts(texts: int) -> int:
+def _check_kept_texts(texts: int, name: str = "texts") -> int:
     if not isinstance(texts, int) or isinstance(texts, bool) or texts < 0:
-        raise ValueError(f"texts: expected an integer >= 0, got {texts!r}")
+        raise ValueError(f"{name}: expected an integer >= 0, got {texts!r}")
     return texts
 
 

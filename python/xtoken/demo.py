@@ -299,7 +299,8 @@ def train_lm(
     work_dir: str,
 ):
     """Train ``model`` on ``texts`` with :class:`xtoken.DistillationTrainer` (CE alone without teachers):
-    AdamW, linear warm-up over 5% of the steps, then cosine decay; batches drawn by ``seed``."""
+    AdamW, linear warm-up over 5% of the steps, then cosine decay; batches drawn by ``seed``. Training sees the
+    corpus ~3 times (6 for the teacher), so the collator keeps every text's encodings (the same batches)."""
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
@@ -314,6 +315,7 @@ def train_lm(
     trainer = DistillationTrainer(
         model, args, teachers=list(teachers), student_tokenizer=tokenizer, max_length=settings.max_length,
         train_dataset=list(texts), callbacks=[_progress_callback(label, steps, log)],
+        keep_encodings=len(texts),
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)
     trainer.train()
@@ -527,14 +529,7 @@ def _print(message: str) -> None:
 
 def _run_job(job: _Job, log: Callable[[str], None] = _print) -> tuple[Any, list[Answer], float]:
     """Train ``job``'s model; return it, its answers to the test problems and the seconds taken."""
-    from .align import as_span_tokenizer
-
     start = time.perf_counter()
-    for tokenizer in (job.tokenizer, *(t.tokenizer for t in job.teachers if t.tokenizer is not None)):
-        # Training sees the corpus ~3 times (6 for the teacher): each text is encoded once, results unchanged.
-        span_tokenizer = as_span_tokenizer(tokenizer)
-        if hasattr(span_tokenizer, "keep_encodings"):  # an HFSpanTokenizer, or a CompactTokenizer over one
-            span_tokenizer.keep_encodings(len(job.texts))
     model = build_lm(len(job.tokenizer), job.size, job.model_seed, job.tokenizer.roles["eos"])
     with tempfile.TemporaryDirectory() as work_dir, _objects_frozen():
         train_lm(model, job.tokenizer, job.texts, teachers=job.teachers, steps=job.steps, lr=job.lr,

@@ -28,6 +28,7 @@ from .align import (
     AlignStats,
     KeptEncodings,
     _max_length,
+    _check_kept_texts,
     _pad,
     align_spans,
     as_span_tokenizer,
@@ -474,10 +475,7 @@ class DistillationCollator:
     ) -> None:
         max_length = _max_length(max_length)
         _check_train_on(train_on)
-        if not isinstance(keep_encodings, int) or isinstance(keep_encodings, bool) or keep_encodings < 0:
-            raise ValueError(
-                f"keep_encodings: expected an integer >= 0 (texts kept per tokenizer), got {keep_encodings!r}"
-            )
+        _check_kept_texts(keep_encodings, "keep_encodings")
         self.student = as_span_tokenizer(student_tokenizer)
         tokenizers = [t.tokenizer if isinstance(t, Teacher) else t for t in teacher_tokenizers]
         self.teachers = [self.student if t is None else as_span_tokenizer(t) for t in tokenizers]
