@@ -66,10 +66,13 @@ struct ChainCpu {
   struct Work {
     std::vector<uint8_t> flags;
     std::vector<A> r_of, g, e, r_tok;
-    std::vector<A> cond_sum, log_plain, r_run, model_r, kl;  // per bucket (the runs, then "ends here" if no run is)
+    // Per bucket: the runs (at most a table's V), then "ends here" if no run is.
+    std::vector<A> cond_sum, log_plain, r_run, model_r, kl;
     std::vector<Run> runs;
     Work(int64_t V_s, int64_t V_t)
-        : flags(std::max(V_s, V_t), 0), r_of(V_s), g(V_s), e(std::max(V_s, V_t)), r_tok(V_s) {}
+        : flags(std::max(V_s, V_t), 0), r_of(V_s), g(V_s), e(std::max(V_s, V_t)), r_tok(V_s),
+          cond_sum(std::max(V_s, V_t) + 1), log_plain(cond_sum.size()), r_run(cond_sum.size()),
+          model_r(cond_sum.size()), kl(cond_sum.size()) {}
   };
 
   // Whether the level's range is the whole conditioned row (depth 0): its max and exps then run over the row
@@ -167,7 +170,6 @@ struct ChainCpu {
     // The buckets' terms in one vectorized pass over the runs (plus the "ends here" bucket when no token of the
     // range ends here), then their sums in bucket order.
     const int64_t n_runs = static_cast<int64_t>(w.runs.size());
-    for (std::vector<A>* v : {&w.cond_sum, &w.log_plain, &w.r_run, &w.model_r, &w.kl}) v->resize(n_runs + 1);
     A* cs = w.cond_sum.data();
     A* lp = w.log_plain.data();
     int64_t end_at = n_runs;  // the bucket whose r is r_end
