@@ -124,6 +124,19 @@ def test_reductions_with_cross_entropy(loss, reduction):
     assert_fused_matches(case, block_rows=6, reduction=reduction, with_ce=True, **loss_options(loss, "mean", case))
 
 
+@pytest.mark.parametrize("slab", [1, 32, 96, 4096])
+def test_cpu_logits_slabs_cover_the_vocabulary(monkeypatch, slab):
+    # The CPU float32 path forms a block's logits slab by slab of the vocabulary: 97 and 113 rows in slabs of
+    # 32 leave a partial last slab, 96 leaves one row, 1 is every row alone, 4,096 is one slab. A wrong column
+    # offset or a dropped slab changes the loss and every gradient.
+    monkeypatch.setattr(fused_linear, "_LOGITS_SLAB", slab)
+    hidden, weight, bias = torch.randn(7, 16), torch.randn(97, 16), torch.randn(97)
+    torch.testing.assert_close(fused_linear._logits(hidden, weight, bias), F.linear(hidden, weight, bias))
+    assert fused_linear._logits(hidden, weight, None).is_contiguous()
+    case = Case("pkl")
+    assert_fused_matches(case, block_rows=8, with_ce=True, **loss_options("pkl", "mean", case))
+
+
 @pytest.mark.parametrize("loss", ["pkl", "chain"])
 @pytest.mark.parametrize("block_rows", [1, 5, 64, 10_000])
 def test_any_block_size_gives_the_same_result(loss, block_rows):
@@ -316,7 +329,8 @@ def test_plan_keeps_the_teacher_row_after_a_chunk():
 
 
 def test_default_block_rows():
-    assert fused_linear.default_block_rows(2048, 128_256, 151_936, 2048) == 128
+    assert fused_linear.default_block_rows(2048, 128_256, 151_936, 2048) == 192  # 204.8 rounded to 32s
+    assert fused_linear.default_block_rows(4096, 128_256, 151_936, 2048) == 416
     assert fused_linear.default_block_rows(32_768, 128_256, 151_936, 2048) == 512
     assert fused_linear.default_block_rows(100, 97, 113, 16) == 64
 

@@ -152,12 +152,13 @@ def _device_blocks(plan: list[tuple[np.ndarray, ...]], device: torch.device) -> 
 
 
 def default_block_rows(rows: int, student_vocab: int, teacher_vocab: int, student_hidden: int) -> int:
-    """Rows per block when none is given: a power of two near ``rows / 16`` (so a block's logits of both
-    sides and their gradient take about 1/16 of the unfused path's), at least 64 (GEMMs need rows to
-    be efficient) and at most what keeps one block's logits and logit gradient, ``block_rows x (2 V_s +
-    V_t)`` values, within the size of the student's lm_head (``V_s x H_s``)."""
+    """Rows per block when none is given: a multiple of 32 near ``rows / 10`` (a block holds its rows' logits
+    of both sides and their gradient, as the unfused path holds every row's, so a block takes about a tenth
+    of the unfused path's memory; the issue's target is at most an eighth), at least 64 (GEMMs need rows to
+    be efficient) and at most the power of two that keeps one block's logits and logit gradient,
+    ``block_rows x (2 V_s + V_t)`` values, within the size of the student's lm_head (``V_s x H_s``)."""
     cap = max(64, 1 << int(math.log2(max(1, student_vocab * student_hidden // (2 * student_vocab + teacher_vocab)))))
-    wanted = 1 << max(0, math.ceil(math.log2(max(1, rows / 16))))
+    wanted = 32 * round(rows / 10 / 32)
     return int(min(max(64, wanted), cap))
 
 
@@ -315,32 +316,46 @@ class _Gradients:
         """A block's logit gradient ``dz [n, V_s]`` for its student ``rows`` (``hidden`` = those rows)."""
         grad_hidden, grad_weight, grad_bias, _ = self.tensors
         if self.wanted[0]:  # each row belongs to one block: written once, no accumulation across blocks
-            grad_hidden.index_copy_(0, rows, _row_gemm(dz, weight, transpose=False).to(grad_hidden.dtype))
+            grad_hidden.index_copy_(0, rows, _row_gemm(dz, weight).to(grad_hidden.dtype))
         if self.wanted[1]:
             _addmm_into(grad_weight, dz.t(), hidden)
         if self.wanted[2]:
             grad_bias.add_(dz.sum(0, dtype=grad_bias.dtype))
 
 
-def _row_gemm(rows: torch.Tensor, weight: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """``rows @ weight.T`` (``transpose``) or ``rows @ weight`` for a block of rows and an lm_head-sized weight.
+def _row_gemm(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``rows @ weight`` for a block's logit gradient ``rows [n, V]`` and an lm_head ``weight [V, H]``.
 
     On the CPU in float32, MKL is slow when the few block rows are the GEMM's outer operand and the wide weight
-    the packed one (128 rows against a 128,256 x 2,048 head: 1.3x to 2x the time per row of a 2,048-row GEMM on
-    a 2-core AMD EPYC), so the product is computed transposed, with the weight as the wide outer operand, and
-    returned as its transposed view (the caller lays it out row-major where a kernel needs that): the
-    benchmark's fused P-KL forward+backward at 128-row blocks took 11% less time (78.3 -> 69.8 s and 88.5 ->
-    78.8 s, alternated in one process). Elsewhere (cuBLAS, bf16 GEMMs) the plain product."""
+    the packed one (1.3x to 2x the time per row of a 2,048-row GEMM on a 2-core AMD EPYC), so the product is
+    computed transposed, ``(weight^T @ rows^T)^T``, and returned as that view. Elsewhere (cuBLAS, bf16 GEMMs)
+    the plain product."""
     if rows.device.type == "cpu" and rows.dtype == torch.float32:
-        return (torch.mm(weight, rows.t()) if transpose else torch.mm(weight.t(), rows.t())).t()
-    return torch.mm(rows, weight.t() if transpose else weight)
+        return torch.mm(weight.t(), rows.t()).t()
+    return torch.mm(rows, weight)
+
+
+# Vocabulary rows per GEMM when the CPU forms a block's logits (see _logits): 2,048 rows of a 2,048-wide head
+# are 16 MB, and the slab's product (2,048 x block rows) is transposed into the block while still in cache.
+_LOGITS_SLAB = 2048
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(hidden, weight, bias)`` for a block of rows (see :func:`_row_gemm`)."""
+    """``F.linear(hidden, weight, bias)`` for a block of rows, row-major (the loss kernels read rows).
+
+    On the CPU in float32 the product is formed slab by slab of the vocabulary, ``weight[v0:v1] @ hidden^T``
+    (the weight as MKL's fast wide outer operand), each slab transposed into its columns of the block while
+    in cache: on a 2-core AMD EPYC at the Llama-3.2-1B head (128,256 x 2,048) that took 634 ms for 128 rows
+    against 850 ms for the whole product transposed at once and 1,139 ms for ``hidden @ weight^T`` (1,072
+    against 1,655 ms for 224 rows; medians of five, interleaved in one process), and the transposed copy is a
+    slab's, not the block's. Elsewhere (cuBLAS, bf16 GEMMs) ``F.linear``."""
     if not (hidden.device.type == "cpu" and hidden.dtype == torch.float32):
         return F.linear(hidden, weight, bias)
-    logits = _row_gemm(hidden, weight, transpose=True).contiguous()  # the loss kernels read rows
+    V = weight.shape[0]
+    logits = hidden.new_empty((hidden.shape[0], V))
+    for v0 in range(0, V, _LOGITS_SLAB):
+        v1 = min(V, v0 + _LOGITS_SLAB)
+        logits[:, v0:v1].copy_(torch.mm(weight[v0:v1], hidden.t()).t())
     return logits if bias is None else logits.add_(bias)
 
 
@@ -356,18 +371,20 @@ def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _ce_block(logits: torch.Tensor, targets: torch.Tensor, coefficient: torch.Tensor | None, acc: torch.dtype):
     """Cross-entropy of each row of a logits block at its target (0 where the target is negative), and, when
-    ``coefficient`` (per row) is given, its gradient ``coefficient * (softmax - onehot)`` in the logits' dtype."""
-    z = logits.to(acc)
+    ``coefficient`` (per row) is given, its gradient ``coefficient * (softmax - onehot)`` in the logits' dtype,
+    formed in place of ``logits`` (the caller drops the block's logits after this: no second block-sized
+    buffer)."""
+    z = logits.to(acc)  # the block itself when it is in acc's dtype
     valid = targets >= 0
     index = targets.clamp_min(0).unsqueeze(1)
     lse = torch.logsumexp(z, dim=1)
     losses = torch.where(valid, lse - z.gather(1, index).squeeze(1), 0)
     if coefficient is None:
         return losses, None
-    grad = (z - lse.unsqueeze(1)).exp_()
+    grad = z.sub_(lse.unsqueeze(1)).exp_()
     grad.scatter_add_(1, index, -valid.to(acc).unsqueeze(1))
     grad.mul_(torch.where(valid, coefficient, 0).unsqueeze(1))
-    return losses, grad.to(logits.dtype)
+    return losses, (grad if grad.dtype == logits.dtype else logits.copy_(grad))
 
 
 def _forward(op: str, *args):
@@ -457,6 +474,8 @@ def _run_blocks(op: str, c: _Call):
             total = dz if dz_ce is None else dz_ce if dz is None else dz.add_(dz_ce)
             if total is not None:
                 grads.add(total, hidden, student_rows, W_s)
+            del total
+        del dz, dz_ce  # before the next block's logits: one block's buffers at a time
 
     chunk_losses = (terms * weights).sum(1)
     if c.reduction == "none":
