@@ -346,9 +346,8 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     On the CPU in float32 the product is formed slab by slab of the vocabulary, ``weight[v0:v1] @ hidden^T``
     (the weight as MKL's fast wide outer operand), each slab transposed into its columns of the block while
     in cache: on a 2-core AMD EPYC at the Llama-3.2-1B head (128,256 x 2,048) that took 634 ms for 128 rows
-    against 850 ms for the whole product transposed at once and 1,139 ms for ``hidden @ weight^T`` (1,072
-    against 1,655 ms for 224 rows; medians of five, interleaved in one process), and the transposed copy is a
-    slab's, not the block's. Elsewhere (cuBLAS, bf16 GEMMs) ``F.linear``."""
+    against 850 ms for the whole product transposed at once (1,072 against 1,655 ms for 224 rows; medians of
+    five, interleaved in one process), and the transposed copy held is a slab's, not the block's. Elsewhere (cuBLAS, bf16 GEMMs) ``F.linear``."""
     if not (hidden.device.type == "cpu" and hidden.dtype == torch.float32):
         return F.linear(hidden, weight, bias)
     V = weight.shape[0]
