@@ -201,6 +201,32 @@ def test_bfloat16_error_within_twice_the_unfused_error(device, loss):
         assert_close_ratio(a.cpu(), b.cpu(), r.cpu(), f"grad {name}")
 
 
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_gemms_with_and_without_native_instructions(monkeypatch, native, dtype):
+    # Without bf16/fp16 GEMM instructions the CPU path computes the block products slab by slab in float32
+    # (products exact, float32 sums): the logits are F.linear's up to its rounding, dz @ W is float32-exact;
+    # with them, ATen's GEMMs. Either way the fused loss is as accurate as the unfused path.
+    monkeypatch.setattr(fused_linear, "_native_cpu_gemm", lambda _dtype: native)
+    monkeypatch.setattr(fused_linear, "_LOGITS_SLAB", 64)  # 301 and 257 rows: several slabs, a partial last one
+    g = torch.Generator().manual_seed(5)
+    hidden, weight, bias, dz = (torch.randn(*shape, generator=g).to(dtype) for shape in ((9, 32), (301, 32), (301,),
+                                                                                         (9, 301)))
+    logits = fused_linear._logits(hidden, weight, bias)
+    assert logits.dtype == dtype and logits.is_contiguous()
+    exact = F.linear(hidden.double(), weight.double(), bias.double())
+    assert rel_error(logits.double(), exact) <= 2 * rel_error(F.linear(hidden, weight, bias).double(), exact) + 1e-6
+    product = fused_linear._row_gemm(dz, weight)
+    assert rel_error(product.double(), dz.double() @ weight.double()) <= (1e-2 if native else 1e-6)
+    case = Case("pkl", dtype=dtype, V_s=301, V_t=257, H_s=32, H_t=48)
+    ref, ref_grads = loss_and_grads(unfused, case, torch.float64, with_ce=True, merge="mean", reduction="sum")
+    low, low_grads = loss_and_grads(unfused, case, with_ce=True, merge="mean", reduction="sum")
+    got, got_grads = loss_and_grads(fused, case, with_ce=True, block_rows=8, merge="mean", reduction="sum")
+    for name, a, b, r in [*zip(["loss", "ce"], got, low, ref), *zip(["hidden", "weight", "bias"], got_grads,
+                                                                       low_grads, ref_grads)]:
+        assert_close_ratio(a, b, r, name)
+
+
 def test_bfloat16_weight_gradient_accumulated_in_its_own_dtype():
     case = Case("pkl", dtype=torch.bfloat16, V_s=301, V_t=257, H_s=32, H_t=48)
     ref, ref_grads = loss_and_grads(unfused, case, torch.float64, merge="mean")
