@@ -218,6 +218,10 @@ def test_cpu_half_gemms_with_and_without_native_instructions(monkeypatch, native
     assert rel_error(logits.double(), exact) <= 2 * rel_error(F.linear(hidden, weight, bias).double(), exact) + 1e-6
     product = fused_linear._row_gemm(dz, weight)
     assert rel_error(product.double(), dz.double() @ weight.double()) <= (1e-2 if native else 1e-6)
+    for accumulator, tol in ((torch.zeros(301, 32), 1e-6), (torch.zeros(301, 32, dtype=dtype), 1e-2)):
+        for _ in range(2):  # two blocks
+            fused_linear._addmm_into(accumulator, dz.t(), hidden)
+        assert rel_error(accumulator.double(), 2 * dz.double().t() @ hidden.double()) <= tol
     case = Case("pkl", dtype=dtype, V_s=301, V_t=257, H_s=32, H_t=48)
     ref, ref_grads = loss_and_grads(unfused, case, torch.float64, with_ce=True, merge="mean", reduction="sum")
     low, low_grads = loss_and_grads(unfused, case, with_ce=True, merge="mean", reduction="sum")

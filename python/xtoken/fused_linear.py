@@ -397,13 +397,24 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` possibly wider than ``a`` and ``b`` (float32 accumulation of bf16/fp16)."""
-    if a.dtype == acc.dtype:
+    """``acc += a @ b`` for the weight gradient ``acc [V, H]``, ``a = dz^T [V, n]`` and ``b`` the block's hidden
+    rows ``[n, H]``, with ``acc`` possibly wider than ``a`` and ``b`` (float32 accumulation of bf16/fp16)."""
+    cpu_slabs = acc.device.type == "cpu" and (a.dtype != acc.dtype or (acc.dtype != torch.float32 and _cpu_slabs(acc)))
+    if not cpu_slabs and a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
+    elif not cpu_slabs:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:  # no mixed-dtype GEMM on the CPU: the block's operands in acc's dtype (O(block) memory)
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    else:
+        # No mixed-dtype GEMM on the CPU, and none in bf16/fp16 worth the name without instructions for them
+        # (see _cpu_slabs): float32 products slab by slab of the vocabulary, each added into its rows of acc
+        # (rounded to acc's dtype there when acc is bf16/fp16), so no float32 copy of the block exists.
+        rows = b.float()
+        for v0 in range(0, acc.shape[0], _LOGITS_SLAB):
+            v1 = min(acc.shape[0], v0 + _LOGITS_SLAB)
+            if acc.dtype == torch.float32:
+                acc[v0:v1].addmm_(a[v0:v1].float(), rows)
+            else:
+                acc[v0:v1].add_(torch.mm(a[v0:v1].float(), rows))
 
 
 def _ce_block(logits: torch.Tensor, targets: torch.Tensor, coefficient: torch.Tensor | None, acc: torch.dtype):
