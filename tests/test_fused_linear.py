@@ -129,7 +129,7 @@ def test_cpu_logits_slabs_cover_the_vocabulary(monkeypatch, slab):
     # The CPU float32 path forms a block's logits slab by slab of the vocabulary: 97 and 113 rows in slabs of
     # 32 leave a partial last slab, 96 leaves one row, 1 is every row alone, 4,096 is one slab. A wrong column
     # offset or a dropped slab changes the loss and every gradient.
-    monkeypatch.setattr(fused_linear, "_LOGITS_SLAB", slab)
+    monkeypatch.setattr(fused_linear, "_VOCAB_SLAB", slab)
     hidden, weight, bias = torch.randn(7, 16), torch.randn(97, 16), torch.randn(97)
     torch.testing.assert_close(fused_linear._logits(hidden, weight, bias), F.linear(hidden, weight, bias))
     assert fused_linear._logits(hidden, weight, None).is_contiguous()
@@ -208,7 +208,7 @@ def test_cpu_half_gemms_with_and_without_native_instructions(monkeypatch, native
     # (products exact, float32 sums): the logits are F.linear's up to its rounding, dz @ W is float32-exact;
     # with them, ATen's GEMMs. Either way the fused loss is as accurate as the unfused path.
     monkeypatch.setattr(fused_linear, "_native_cpu_gemm", lambda _dtype: native)
-    monkeypatch.setattr(fused_linear, "_LOGITS_SLAB", 64)  # 301 and 257 rows: several slabs, a partial last one
+    monkeypatch.setattr(fused_linear, "_VOCAB_SLAB", 64)  # 301 and 257 rows: several slabs, a partial last one
     g = torch.Generator().manual_seed(5)
     hidden, weight, bias, dz = (torch.randn(*shape, generator=g).to(dtype) for shape in ((9, 32), (301, 32), (301,),
                                                                                          (9, 301)))

@@ -326,6 +326,7 @@ class _Gradients:
 @functools.cache
 def _native_cpu_gemm(dtype: torch.dtype) -> bool:
     """Whether this CPU has instructions for GEMMs in ``dtype`` (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16)."""
+
     def has(name: str) -> bool:
         return bool(getattr(torch.cpu, name, lambda: False)())
 
@@ -337,15 +338,26 @@ def _native_cpu_gemm(dtype: torch.dtype) -> bool:
 
 
 def _cpu_slabs(t: torch.Tensor) -> bool:
-    """Whether the block GEMMs of ``t``'s dtype run on the CPU slab by slab of the vocabulary in float32:
-    float32 itself (see :func:`_logits`), and bf16/fp16 on a CPU without instructions for them, where ATen's
-    GEMMs in those dtypes are slow (on a 2-core AVX2 AMD EPYC, bf16: 10-19 GF/s for the logits and 0.3 GF/s
-    for ``dz @ W``, against 54 GF/s for the same product upcast slab by slab). A bf16/fp16 product of two
-    values is exact in float32, and the slabs sum in float32, as a GEMM with float32 accumulation does; the
-    logits are rounded to the hidden states' dtype as ``F.linear`` returns them."""
+    """Whether a block's products in ``t``'s dtype are formed on the CPU in float32 slabs of the vocabulary
+    (:func:`_vocab_slabs`): the logits in float32 (see :func:`_logits`), and every product in bf16/fp16 on a
+    CPU without instructions for them, where ATen's GEMMs in those dtypes are slow (on a 2-core AVX2 AMD EPYC,
+    bf16: 10-19 GF/s for the logits and 0.3 GF/s for ``dz @ W``, against 54 GF/s for the same product upcast
+    slab by slab). A bf16/fp16 product of two values is exact in float32, and the slabs sum in float32, as a
+    GEMM with float32 accumulation does; the logits are rounded to the hidden states' dtype as ``F.linear``
+    returns them."""
     if t.device.type != "cpu":
         return False
     return t.dtype == torch.float32 or (t.dtype in (torch.bfloat16, torch.float16) and not _native_cpu_gemm(t.dtype))
+
+
+# Vocabulary rows per slab of a CPU block product: 2,048 rows of a 2,048-wide head are 16 MB, and a slab of the
+# logits (2,048 x block rows) is transposed into the block while still in cache.
+_VOCAB_SLAB = 2048
+
+
+def _vocab_slabs(V: int):
+    """The slices ``[v0, v1)`` of ``_VOCAB_SLAB`` vocabulary rows (the last one shorter) that cover ``V``."""
+    return (slice(v0, min(V, v0 + _VOCAB_SLAB)) for v0 in range(0, V, _VOCAB_SLAB))
 
 
 def _row_gemm(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -360,16 +372,10 @@ def _row_gemm(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.mm(weight.t(), rows.t()).t()
     if _cpu_slabs(rows):
         out = rows.new_zeros((rows.shape[0], weight.shape[1]), dtype=torch.float32)
-        for v0 in range(0, weight.shape[0], _LOGITS_SLAB):
-            v1 = min(weight.shape[0], v0 + _LOGITS_SLAB)
-            out.addmm_(rows[:, v0:v1].float(), weight[v0:v1].float())
+        for v in _vocab_slabs(weight.shape[0]):
+            out.addmm_(rows[:, v].float(), weight[v].float())
         return out
     return torch.mm(rows, weight)
-
-
-# Vocabulary rows per GEMM when the CPU forms a block's logits (see _logits): 2,048 rows of a 2,048-wide head
-# are 16 MB, and the slab's product (2,048 x block rows) is transposed into the block while still in cache.
-_LOGITS_SLAB = 2048
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -384,37 +390,35 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     the block's dtype with its bias added. Elsewhere (cuBLAS, CPUs with bf16 GEMMs) ``F.linear``."""
     if not _cpu_slabs(hidden):
         return F.linear(hidden, weight, bias)
-    V = weight.shape[0]
-    logits = hidden.new_empty((hidden.shape[0], V))
+    logits = hidden.new_empty((hidden.shape[0], weight.shape[0]))
     rows = hidden.float()
-    for v0 in range(0, V, _LOGITS_SLAB):
-        v1 = min(V, v0 + _LOGITS_SLAB)
-        slab = torch.mm(weight[v0:v1].float(), rows.t())
+    for v in _vocab_slabs(weight.shape[0]):
+        slab = torch.mm(weight[v].float(), rows.t())
         if bias is not None:
-            slab.add_(bias[v0:v1].float().unsqueeze(1))
-        logits[:, v0:v1].copy_(slab.t())
+            slab.add_(bias[v].float().unsqueeze(1))
+        logits[:, v].copy_(slab.t())
     return logits
 
 
 def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` for the weight gradient ``acc [V, H]``, ``a = dz^T [V, n]`` and ``b`` the block's hidden
     rows ``[n, H]``, with ``acc`` possibly wider than ``a`` and ``b`` (float32 accumulation of bf16/fp16)."""
-    cpu_slabs = acc.device.type == "cpu" and (a.dtype != acc.dtype or (acc.dtype != torch.float32 and _cpu_slabs(acc)))
-    if not cpu_slabs and a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif not cpu_slabs:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
+    half = acc.dtype in (torch.bfloat16, torch.float16)
+    if acc.device.type == "cpu" and (a.dtype != acc.dtype or (half and _cpu_slabs(acc))):
         # No mixed-dtype GEMM on the CPU, and none in bf16/fp16 worth the name without instructions for them
-        # (see _cpu_slabs): float32 products slab by slab of the vocabulary, each added into its rows of acc
-        # (rounded to acc's dtype there when acc is bf16/fp16), so no float32 copy of the block exists.
-        rows = b.float()
-        for v0 in range(0, acc.shape[0], _LOGITS_SLAB):
-            v1 = min(acc.shape[0], v0 + _LOGITS_SLAB)
-            if acc.dtype == torch.float32:
-                acc[v0:v1].addmm_(a[v0:v1].float(), rows)
+        # (see _cpu_slabs): products in float32 (or acc's wider dtype) slab by slab of the vocabulary, each added
+        # into its rows of acc (rounded to acc's dtype there when acc is bf16/fp16): no float32 copy of a block.
+        compute = torch.float32 if half else acc.dtype
+        rows = b.to(compute)
+        for v in _vocab_slabs(acc.shape[0]):
+            if half:
+                acc[v].add_(torch.mm(a[v].to(compute), rows))
             else:
-                acc[v0:v1].add_(torch.mm(a[v0:v1].float(), rows))
+                acc[v].addmm_(a[v].to(compute), rows)
+    elif a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
 
 
 def _ce_block(logits: torch.Tensor, targets: torch.Tensor, coefficient: torch.Tensor | None, acc: torch.dtype):
